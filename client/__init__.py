@@ -1,0 +1,1 @@
+"""TheyChat's line client: like `nc`, standard library only."""

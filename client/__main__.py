@@ -1,0 +1,5 @@
+import sys
+
+from client.chat import main
+
+sys.exit(main())

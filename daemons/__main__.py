@@ -1,0 +1,3 @@
+from daemons.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,283 @@
+"""`theychat up | down | status | chat`: the command line of a TheyChat tree.
+
+The command line is not part of the tree: `up` starts the router detached (the router
+starts everything else) and waits until the whole tree reports ready; `down` stops it
+with the `stopping` marker in place so that no supervisor restarts what is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from daemons import config, control, logs, procs
+from daemons.config import Config
+from daemons.errors import ConfigError, ControlError, TheyChatError
+from daemons.paths import StatePaths, daemon_name
+
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+class CliError(TheyChatError):
+    pass
+
+
+def _load(path: str | None) -> tuple[Config, StatePaths]:
+    cfg = config.load(path)
+    paths = StatePaths(cfg.resolved_state_dir())
+    paths.ensure()
+    return cfg, paths
+
+
+def expected(topics: list[str]) -> list[tuple[str, str | None]]:
+    """(role, topic) of every daemon the tree should have."""
+    tree: list[tuple[str, str | None]] = [("router", None), ("router-monitor", None)]
+    for t in topics:
+        tree += [("server", t), ("server-monitor", t)]
+    return tree
+
+
+def live_daemons(paths: StatePaths) -> dict[str, procs.PidRecord]:
+    found = {}
+    for pidfile in sorted(paths.run.glob("*.pid")):
+        rec = procs.read_pidfile(pidfile)
+        if rec is not None and rec.alive():
+            found[pidfile.stem] = rec
+    return found
+
+
+def _query(paths: StatePaths, name: str, timeout: float = 0.5) -> dict[str, Any] | None:
+    try:
+        return control.check(control.request_sync(paths.control(name), {"op": "status"}, timeout))
+    except ControlError:
+        return None
+
+
+def gather(cfg: Config, paths: StatePaths) -> list[dict[str, Any]]:
+    """One row per expected daemon, from its own answer and from its supervisor's."""
+    router = _query(paths, "router")
+    topics = list(router["topics"]) if router else cfg.topics
+    rows = []
+    for role, topic in expected(topics):
+        name = daemon_name(role, topic)
+        reply = router if name == "router" else _query(paths, name)
+        rec = procs.read_pidfile(paths.pidfile(name))
+        alive = rec is not None and rec.alive()
+        if reply:
+            me = reply["daemon"]
+            row = {"pid": me["pid"], "state": me["state"], "uptime_s": me["uptime_s"],
+                   "incarnation": me.get("incarnation")}
+        else:
+            row = {"pid": rec.pid if alive and rec else None,
+                   "state": "unresponsive" if alive else "down", "uptime_s": None,
+                   "incarnation": rec.incarnation if rec else None}
+        rows.append({"name": name, "role": role, "topic": topic, **row})
+    for row in rows:
+        # Each start of a daemon bumps the incarnation in its pid file, so this count
+        # survives the restart of the supervisor that did the restarting.
+        inc = row.pop("incarnation")
+        row["restarts"] = inc - 1 if isinstance(inc, int) else None
+    return rows
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def stop_tree(paths: StatePaths) -> int:
+    """Stop every daemon of this state dir; no supervisor restarts what is stopped."""
+    paths.stopping.touch(mode=0o600)
+    signalled: dict[int, float] = {}
+    quiet_since: float | None = None
+    deadline = time.monotonic() + STOP_TIMEOUT_S * 2
+    try:
+        while time.monotonic() < deadline:
+            live = live_daemons(paths)
+            now = time.monotonic()
+            if not live:
+                # A spawn may be in flight: only a short quiet spell means all are gone.
+                quiet_since = quiet_since or now
+                if now - quiet_since > 0.5:
+                    break
+            else:
+                quiet_since = None
+            for rec in live.values():
+                first = signalled.setdefault(rec.pid, now)
+                if first == now:
+                    procs.signal_process(rec, signal.SIGTERM)
+                    procs.signal_process(rec, signal.SIGCONT)  # a stopped one must hear it
+                elif now - first > STOP_TIMEOUT_S:
+                    procs.signal_process(rec, signal.SIGKILL)
+            time.sleep(0.05)
+        for pidfile in paths.run.glob("*.pid"):
+            left = procs.read_pidfile(pidfile)
+            if left is None or not left.alive():
+                pidfile.unlink(missing_ok=True)
+    finally:
+        paths.stopping.unlink(missing_ok=True)
+    return len(signalled)
+
+
+def _tail(path: Path, since: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args.config)
+    running = live_daemons(paths)
+    if running:
+        names = ", ".join(f"{n} (pid {r.pid})" for n, r in running.items())
+        raise CliError(f"already running in {paths.root}: {names}; run `theychat down` first")
+    paths.stopping.unlink(missing_ok=True)
+    err = paths.stderr("router")
+    mark = err.stat().st_size if err.exists() else 0
+    argv = ["-m", "daemons.router", "--state-dir", str(paths.root)]
+    if args.config:
+        argv += ["--config", str(Path(args.config).absolute())]
+    pid = procs.spawn(argv, err)
+    started = procs.start_time(pid)
+    host, port = cfg.listen.host, cfg.listen.port
+    deadline = time.monotonic() + START_TIMEOUT_S
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        procs.reap(pid)
+        if not procs.alive(pid, started) and procs.read_pidfile(paths.pidfile("router")) is None:
+            why = _tail(err, mark) or "the router exited during start"
+            stop_tree(paths)
+            raise CliError(f"TheyChat did not start: {why}")
+        rows = gather(cfg, paths)
+        if all(r["state"] == "ready" for r in rows) and port_open(host, port):
+            break
+    else:
+        stop_tree(paths)
+        late = ", ".join(f"{r['name']} ({r['state']})" for r in rows if r["state"] != "ready")
+        raise CliError(f"TheyChat did not become ready in {START_TIMEOUT_S:.0f}s: {late}")
+    print(f"TheyChat is up: {len(rows)} daemons, clients connect to {host}:{port} "
+          f"(try: nc {host} {port}); state in {paths.root}", flush=True)
+    if args.foreground:
+        return _foreground(paths)
+    return 0
+
+
+def _foreground(paths: StatePaths) -> int:
+    """Show every daemon's log as it is written; Ctrl-C stops the whole tree."""
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    offsets: dict[Path, int] = {}
+    while not stop:
+        for path in sorted(paths.logs.glob("*.log")):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                f.seek(offsets.get(path, 0))
+                while (line := f.readline()).endswith("\n"):
+                    shown = logs.human(line)
+                    if shown:
+                        print(shown, file=sys.stderr, flush=True)
+                offsets[path] = f.tell() - len(line.encode())
+        time.sleep(0.2)
+    print("stopping TheyChat ...", file=sys.stderr, flush=True)
+    n = stop_tree(paths)
+    print(f"stopped {n} daemons", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _, paths = _load(args.config)
+    if not live_daemons(paths):
+        print(f"TheyChat is not running in {paths.root}")
+        return 0
+    n = stop_tree(paths)
+    left = live_daemons(paths)
+    if left:
+        raise CliError(f"could not stop: {', '.join(left)}")
+    print(f"TheyChat is down: stopped {n} daemons")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg, paths = _load(args.config)
+    rows = gather(cfg, paths)
+    healthy = all(r["state"] == "ready" for r in rows)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'ROLE':<16}{'TOPIC':<14}{'PID':>8}  {'STATE':<13}{'UPTIME':>9}{'RESTARTS':>10}")
+        for r in rows:
+            up = f"{r['uptime_s']:.0f}s" if r["uptime_s"] is not None else "-"
+            restarts = "-" if r["restarts"] is None else r["restarts"]
+            print(f"{r['role']:<16}{r['topic'] or '-':<14}{r['pid'] or '-':>8}  "
+                  f"{r['state']:<13}{up:>9}{restarts:>10}")
+        print(f"state dir: {paths.root}; {'healthy' if healthy else 'NOT healthy'}")
+    return 0 if healthy else 1
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from client import chat  # stdlib-only: also runs as `python -m client`
+
+    host, port = args.host, args.port
+    if host is None or port is None:
+        cfg = config.load(args.config)
+        host = host or cfg.listen.host
+        port = port or cfg.listen.port
+    return chat.run(host, port)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="theychat", description="TheyChat: chat that keeps going")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the whole tree and wait until it is ready")
+    up.add_argument("--foreground", action="store_true",
+                    help="stay in the terminal showing logs; Ctrl-C stops everything")
+    down = sub.add_parser("down", help="stop every daemon of the state directory")
+    status = sub.add_parser("status", help="show the tree; exit 0 only if all are healthy")
+    status.add_argument("--json", action="store_true", help="print a JSON list")
+    chat = sub.add_parser("chat", help="a line client, like nc")
+    chat.add_argument("host", nargs="?")
+    chat.add_argument("port", nargs="?", type=int)
+    for s in (up, down, status, chat):
+        s.add_argument("--config", metavar="FILE", help="YAML config (default: built in)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.umask(0o077)
+    handler = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "chat": cmd_chat}
+    try:
+        return handler[args.command](args)
+    except ConfigError as e:
+        print(f"theychat {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except TheyChatError as e:
+        print(f"theychat {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()

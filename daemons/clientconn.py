@@ -1,0 +1,235 @@
+"""One client TCP connection, as seen by whichever daemon holds it now.
+
+The shell around the protocol core: bytes go into a `LineBuffer`, each complete line is
+parsed and handed to the owner (the router's lobby or a topic server) one at a time, in
+order. A command that needs I/O (a handoff, a question to the router) pauses reading
+until it is done, so no line overtakes another and unread bytes can travel with the
+socket when it moves to another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from daemons import control, render
+from daemons.config import Clients
+from daemons.errors import ControlError, ProtocolError
+from daemons.protocol import Command, LineBuffer, Say, parse, valid_name
+from daemons.ratelimit import TokenBucket
+from daemons.render import Event
+
+# Errors in a row, with no good line between them, after which a client is abusive.
+MAX_ERRORS_IN_A_ROW = 20
+# Unread input that may travel with a handoff; more than this in flight is a flood.
+MAX_PENDING_BYTES = 64 * 1024
+
+
+@dataclass
+class Session:
+    sid: str
+    nick: str
+    json: bool = False
+
+    def record(self) -> dict[str, Any]:
+        return {"sid": self.sid, "nick": self.nick, "json": self.json}
+
+    @classmethod
+    def from_record(cls, rec: Any) -> Session:
+        if not isinstance(rec, dict):
+            raise ControlError("session: expected an object", "bad_request")
+        sid, nick, json_mode = rec.get("sid"), rec.get("nick"), rec.get("json", False)
+        if not isinstance(sid, str) or not (1 <= len(sid) <= 64):
+            raise ControlError("session.sid: expected a string", "bad_request")
+        if not isinstance(nick, str) or not valid_name(nick):
+            raise ControlError("session.nick: expected a valid nick", "bad_request")
+        return cls(sid, nick, bool(json_mode))
+
+
+class Owner(Protocol):
+    def handle(self, conn: ClientConn, item: Say | Command) -> Awaitable[None] | None: ...
+
+    def lost(self, conn: ClientConn, reason: str) -> None: ...
+
+
+def set_keepalive(sock: socket.socket, limits: Clients) -> None:
+    """Let the kernel find peers that vanished without a FIN (cable pulled, host gone)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, limits.keepalive_idle_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, limits.keepalive_interval_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, limits.keepalive_count)
+
+
+class ClientConn(asyncio.Protocol):
+    def __init__(
+        self,
+        owner: Owner,
+        session: Session,
+        limits: Clients,
+        log: Any,
+        on_made: Callable[[ClientConn], None] | None = None,
+    ) -> None:
+        self.owner = owner
+        self.session = session
+        self.limits = limits
+        self.log = log
+        self._on_made = on_made
+        self.transport: asyncio.Transport | None = None
+        self.buf = LineBuffer()
+        self.bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, time.monotonic())
+        self.busy = True  # nothing is handled until start(): the owner says hello first
+        self.detached = False  # the socket now belongs to another process
+        self.close_reason: str | None = None
+        self._errors_in_a_row = 0
+        self._dropped_in_a_row = 0
+        self._task: asyncio.Future[None] | None = None  # the command now running
+        self.peer = ""
+
+    # -- asyncio callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if self.busy:
+            transport.pause_reading()
+        if self._on_made:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf.feed(data)
+        self._drain()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.detached:
+            return
+        reason = self.close_reason or "connection lost"
+        self.close_reason = reason
+        self.owner.lost(self, reason)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def start(self, pending: bytes = b"") -> None:
+        """Begin handling lines, first those that came with the socket."""
+        self.buf.feed(pending)
+        self._resume()
+
+    def _resume(self) -> None:
+        if self.transport is None or self.detached or self.close_reason:
+            return
+        self.busy = False
+        self.transport.resume_reading()
+        self._drain()
+
+    def _drain(self) -> None:
+        while not self.busy and self.close_reason is None:
+            try:
+                line = self.buf.next_line()
+                if line is None:
+                    return
+                item = parse(line)
+            except ProtocolError as e:
+                self._error(e.code, e.text)
+                continue
+            if item is None:
+                continue
+            if not self.bucket.allow(time.monotonic()):
+                self._rate_limited()
+                continue
+            self._errors_in_a_row = self._dropped_in_a_row = 0
+            pending = self.owner.handle(self, item)
+            if pending is not None:
+                self.busy = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self._task = asyncio.ensure_future(self._finish(pending))
+
+    async def _finish(self, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except ControlError as e:
+            self.send(render.error("unavailable", f"{e}; try again in a moment"))
+        except Exception as e:  # a bug in one command must not cost the daemon
+            self.log.exception("command_failed", session=self.session.sid, error=repr(e))
+            self.send(render.error("internal", "internal error; the operator can see why"))
+        self._resume()
+
+    def _error(self, code: str, text: str) -> None:
+        self.send(render.error(code, text))
+        self._errors_in_a_row += 1
+        if self._errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+            self.close("too many bad lines in a row", abort=True)
+
+    def _rate_limited(self) -> None:
+        self._dropped_in_a_row += 1
+        if self._dropped_in_a_row == 1:
+            self.send(render.error("rate_limited", "too many lines; slow down (line dropped)"))
+        elif self._dropped_in_a_row > 5 * self.limits.rate_burst:
+            self.close("flooding", abort=True)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def send(self, event: Event) -> None:
+        self.write(render.encode(event, self.session.json))
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes; a client that does not read is cut off, never buffered forever."""
+        t = self.transport
+        if t is None or self.detached or self.close_reason or not data:
+            return
+        t.write(data)
+        if t.get_write_buffer_size() > self.limits.output_queue_bytes:
+            self.close("too slow: output queue full", abort=True)
+
+    def close(self, reason: str, abort: bool = False) -> None:
+        if self.close_reason or self.detached or self.transport is None:
+            return
+        self.close_reason = reason
+        if abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    # -- moving to another process ------------------------------------------------------
+
+    async def _flushed(self, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.transport and self.transport.get_write_buffer_size():
+            if time.monotonic() > deadline:
+                raise ControlError("client is not reading", "slow_client")
+            await asyncio.sleep(0.002)
+
+    async def hand_over(self, target: Path, op: dict[str, Any]) -> dict[str, Any]:
+        """Pass this socket, the session and unread bytes to the daemon at `target`.
+
+        Reading is paused (we run inside a command), so the bytes the kernel holds stay
+        there for the new owner. On success this connection is gone from our side; on
+        failure it is untouched and the ControlError says why.
+        """
+        assert self.transport is not None
+        pending = self.buf.pending()
+        if len(pending) > MAX_PENDING_BYTES:
+            raise ControlError("too much unread input to move", "flooding")
+        await self._flushed()
+        sock = self.transport.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        try:
+            msg = {**op, "session": self.session.record(), "pending": pending.hex()}
+            reply = control.check(await control.request(target, msg, fds=[fd], timeout=5.0))
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.detached = True
+        self.transport.abort()
+        return reply

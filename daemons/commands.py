@@ -1,0 +1,57 @@
+"""Command dispatch shared by the lobby (router) and the topic servers.
+
+Each place implements `cmd_<name>` for what differs; the commands that behave the same
+everywhere live here. A handler returns None when it is done, or a coroutine when it
+must wait for I/O (the connection pauses until it finishes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+from daemons import render
+from daemons.clientconn import ClientConn
+from daemons.protocol import Command, Say, help_lines
+
+Pending = Awaitable[None] | None
+
+
+class CommandHandler:
+    log: Any
+
+    def handle(self, conn: ClientConn, item: Say | Command) -> Pending:
+        if isinstance(item, Say):
+            return self.say(conn, item.text)
+        method = getattr(self, f"cmd_{item.name}")
+        result: Pending = method(conn, item)
+        return result
+
+    def say(self, conn: ClientConn, text: str) -> Pending:
+        raise NotImplementedError
+
+    def lost(self, conn: ClientConn, reason: str) -> None:
+        raise NotImplementedError
+
+    def cmd_help(self, conn: ClientConn, cmd: Command) -> Pending:
+        conn.send({"type": "help", "command": cmd.arg or None, "lines": help_lines(cmd.arg)})
+        return None
+
+    def cmd_json(self, conn: ClientConn, cmd: Command) -> Pending:
+        conn.session.json = cmd.arg == "on"
+        conn.send({"type": "ok", "cmd": "json", "json": conn.session.json,
+                   "text": f"JSON mode {cmd.arg}"})
+        return None
+
+    def cmd_quit(self, conn: ClientConn, cmd: Command) -> Pending:
+        conn.send({"type": "bye", "text": "bye"})
+        conn.close("quit")
+        return None
+
+    @staticmethod
+    def dm_event(sender: str, to: str, text: str, ts: float) -> render.Event:
+        return {"type": "dm", "from": sender, "to": to, "text": text, "ts": round(ts, 3)}
+
+    @staticmethod
+    def dm_sent(conn: ClientConn, to: str) -> None:
+        conn.send({"type": "ok", "cmd": "msg", "to": to, "text": f"sent to {to}"})

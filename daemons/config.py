@@ -1,0 +1,208 @@
+"""Typed configuration, loaded from YAML and validated once at start.
+
+Every key is optional: `Config()` is the embedded default. Errors name the dotted key
+(`heartbeat.interval_ms: expected an integer, got 'fast'`) so an operator can fix the
+file without reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemons.errors import ConfigError
+from daemons.protocol import valid_name
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"min": lo, "max": hi}
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = field(default=7000, metadata=_range(0, 65535))
+
+
+@dataclass(frozen=True)
+class History:
+    size: int = field(default=1000, metadata=_range(0, 1_000_000))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    interval_ms: int = field(default=100, metadata=_range(10, 60_000))
+    timeout_ms: int = field(default=500, metadata=_range(20, 600_000))
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str = field(default="info", metadata={"choices": LOG_LEVELS})
+
+
+@dataclass(frozen=True)
+class Clients:
+    max_connections: int = field(default=10_000, metadata=_range(1, 1_000_000))
+    output_queue_bytes: int = field(default=256 * 1024, metadata=_range(4096, 1 << 30))
+    rate_per_second: float = field(default=20.0, metadata=_range(0.1, 1_000_000))
+    rate_burst: int = field(default=50, metadata=_range(1, 1_000_000))
+    keepalive_idle_s: int = field(default=15, metadata=_range(1, 7200))
+    keepalive_interval_s: int = field(default=5, metadata=_range(1, 600))
+    keepalive_count: int = field(default=3, metadata=_range(1, 100))
+
+
+@dataclass(frozen=True)
+class Supervision:
+    restart_delay_ms: int = field(default=50, metadata=_range(0, 60_000))
+
+
+def _default_topics() -> list[str]:
+    return ["general", "random"]
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str | None = None
+    listen: Listen = field(default_factory=Listen)
+    topics: list[str] = field(default_factory=_default_topics)
+    history: History = field(default_factory=History)
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    log: Log = field(default_factory=Log)
+    clients: Clients = field(default_factory=Clients)
+    supervision: Supervision = field(default_factory=Supervision)
+
+    def resolved_state_dir(self) -> Path:
+        """Where this tree keeps its state: the config, then systemd, then XDG."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser().absolute()
+        if os.environ.get("STATE_DIRECTORY"):
+            # systemd may pass several colon-separated directories; the first is ours.
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0]).absolute()
+        xdg = os.environ.get("XDG_STATE_HOME")
+        base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+        return (base / "theychat").absolute()
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if not isinstance(value, dict | list) else type(value).__name__
+
+
+def _convert(value: Any, tp: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key, meta)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return typing.cast(Any, tp)()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        return [_convert(v, item_tp, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        value = float(value)
+    elif tp is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: must be at least {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: must be at most {hi}, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{prefix}{k}: unknown key (known keys here: {known})")
+    kwargs = {
+        name: _convert(data[name], hints[name], prefix + name, f.metadata)
+        for name, f in fields.items()
+        if name in data
+    }
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    if not cfg.topics:
+        raise ConfigError("topics: expected at least one topic")
+    seen: set[str] = set()
+    for i, t in enumerate(cfg.topics):
+        if not isinstance(t, str) or not valid_name(t):
+            raise ConfigError(f"topics[{i}]: {t!r} is not 1-32 of A-Z a-z 0-9 _ -")
+        if t.lower() in seen:
+            raise ConfigError(f"topics[{i}]: {t!r} is listed twice")
+        seen.add(t.lower())
+    if cfg.heartbeat.timeout_ms <= cfg.heartbeat.interval_ms:
+        raise ConfigError(
+            "heartbeat.timeout_ms: must be greater than heartbeat.interval_ms "
+            f"({cfg.heartbeat.timeout_ms} <= {cfg.heartbeat.interval_ms})"
+        )
+    if not cfg.listen.host:
+        raise ConfigError("listen.host: must not be empty")
+
+
+def from_mapping(data: Any) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"top level: expected a mapping of keys, got {_describe(data)}")
+    cfg: Config = _build(Config, data)
+    _check(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Load and validate a config file; `None` means the embedded defaults."""
+    if path is None:
+        return from_mapping({})
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config is not valid UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    return from_mapping(data)

@@ -1,0 +1,128 @@
+"""What every daemon does the same way, top to bottom:
+
+parse arguments -> load config -> prepare the state dir -> take the daemon's lock ->
+write the pid file -> log `daemon_started` -> run the role's coroutine until SIGTERM ->
+log `daemon_stopped`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemons import config, logs, procs
+from daemons.config import Config
+from daemons.errors import TheyChatError
+from daemons.paths import StatePaths, daemon_name
+
+EXIT_CONFIG = 2
+EXIT_LOCKED = 3  # another incarnation holds the lock: not a failure to restart for
+
+
+@dataclass
+class Daemon:
+    role: str
+    topic: str | None
+    cfg: Config
+    paths: StatePaths
+    config_path: str | None
+    log: Any
+    incarnation: int
+    started_at: float = field(default_factory=time.time)
+    state: str = "starting"
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return daemon_name(self.role, self.topic)
+
+    def child_args(self, module: str, topic: str | None = None) -> list[str]:
+        """Arguments that start another daemon of this tree on the same config."""
+        args = ["-m", module, "--state-dir", str(self.paths.root)]
+        if self.config_path:
+            args += ["--config", self.config_path]
+        if topic:
+            args += ["--topic", topic]
+        return args
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "topic": self.topic,
+            "pid": os.getpid(),
+            "state": self.state,
+            "incarnation": self.incarnation,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    def ready(self, **fields: Any) -> None:
+        self.state = "ready"
+        self.log.info("daemon_ready", **fields)
+
+
+def _fail(name: str, text: str, code: int) -> int:
+    # stderr goes to logs/NAME.stderr, which `theychat up` shows when a start fails.
+    print(f"{name}: {text}", file=sys.stderr, flush=True)
+    return code
+
+
+def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m daemons.{role.replace('-', '_')}")
+    parser.add_argument("--config")
+    parser.add_argument("--state-dir")
+    parser.add_argument("--topic")
+    args = parser.parse_args(argv)
+    os.umask(0o077)  # logs, pid files and sockets are private to the user
+    name = daemon_name(role, args.topic)
+    try:
+        cfg = config.load(args.config)
+        paths = StatePaths(Path(args.state_dir) if args.state_dir else cfg.resolved_state_dir())
+        paths.ensure()
+    except TheyChatError as e:
+        return _fail(name, str(e), EXIT_CONFIG)
+    if paths.stopping.exists():
+        return 0  # `theychat down` is under way: starting now would only race it
+    lock_fd = os.open(paths.lockfile(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _fail(name, "already running (its lock is held)", EXIT_LOCKED)
+    previous = procs.read_pidfile(paths.pidfile(name))
+    incarnation = previous.incarnation + 1 if previous else 1
+    log = logs.configure(
+        paths.log(name), cfg.log.level, role=role, topic=args.topic, pid=os.getpid()
+    )
+    procs.write_pidfile(paths.pidfile(name), incarnation)
+    d = Daemon(role, args.topic, cfg, paths, args.config and os.path.abspath(args.config),
+               log, incarnation)
+    log.info("daemon_started", incarnation=incarnation, state_dir=str(paths.root))
+    try:
+        asyncio.run(_main(d, body))
+    except TheyChatError as e:
+        log.error("daemon_failed", error=str(e))
+        return _fail(name, str(e), 1)
+    except Exception as e:
+        log.exception("daemon_crashed", error=repr(e))
+        return 1
+    finally:
+        procs.remove_pidfile(paths.pidfile(name))
+        log.info("daemon_stopped")
+    return 0
+
+
+async def _main(d: Daemon, body: Callable[[Daemon], Awaitable[None]]) -> None:
+    loop = asyncio.get_running_loop()
+    d.stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, d.stop.set)
+    await body(d)

@@ -1,0 +1,88 @@
+"""The router's directory, pure: topics, the system-wide nick registry, and where each
+session currently is (the lobby, or a topic's server).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from daemons.protocol import fold
+
+
+class NickTaken(Exception):
+    pass
+
+
+@dataclass
+class SessionInfo:
+    sid: str
+    nick: str
+    topic: str | None = None  # None: in the lobby
+
+
+class Directory:
+    def __init__(self, topics: list[str], rng: random.Random | None = None) -> None:
+        self.topics = list(topics)
+        self.sessions: dict[str, SessionInfo] = {}
+        self._by_nick: dict[str, str] = {}  # folded nick -> sid
+        self._rng = rng or random.Random()
+
+    def topic_named(self, name: str) -> str | None:
+        """The canonical spelling of a topic, matched case-insensitively."""
+        key = fold(name)
+        return next((t for t in self.topics if fold(t) == key), None)
+
+    def open_session(self, sid: str) -> SessionInfo:
+        while True:
+            nick = f"guest{self._rng.randrange(1000, 100000)}"
+            if fold(nick) not in self._by_nick:
+                break
+        return self.register(sid, nick, None)
+
+    def register(self, sid: str, nick: str, topic: str | None) -> SessionInfo:
+        """Record a session as it is (used when servers report their members)."""
+        owner = self._by_nick.get(fold(nick))
+        if owner is not None and owner != sid:
+            raise NickTaken(nick)
+        old = self.sessions.get(sid)
+        if old is not None:
+            self._by_nick.pop(fold(old.nick), None)
+        info = SessionInfo(sid, nick, topic)
+        self.sessions[sid] = info
+        self._by_nick[fold(nick)] = sid
+        return info
+
+    def rename(self, sid: str, nick: str) -> str:
+        info = self.sessions[sid]
+        owner = self._by_nick.get(fold(nick))
+        if owner is not None and owner != sid:
+            raise NickTaken(nick)
+        old = info.nick
+        self._by_nick.pop(fold(old), None)
+        info.nick = nick
+        self._by_nick[fold(nick)] = sid
+        return old
+
+    def move(self, sid: str, topic: str | None) -> None:
+        self.sessions[sid].topic = topic
+
+    def close_session(self, sid: str) -> SessionInfo | None:
+        info = self.sessions.pop(sid, None)
+        if info is not None and self._by_nick.get(fold(info.nick)) == sid:
+            del self._by_nick[fold(info.nick)]
+        return info
+
+    def find_nick(self, nick: str) -> SessionInfo | None:
+        sid = self._by_nick.get(fold(nick))
+        return self.sessions.get(sid) if sid else None
+
+    def in_topic(self, topic: str | None) -> list[SessionInfo]:
+        return [s for s in self.sessions.values() if s.topic == topic]
+
+    def counts(self) -> list[dict[str, object]]:
+        tally = {t: 0 for t in self.topics}
+        for s in self.sessions.values():
+            if s.topic in tally:
+                tally[s.topic] += 1
+        return [{"name": t, "members": n} for t, n in tally.items()]

@@ -1,0 +1,72 @@
+"""Layout of a state directory: one tree per running TheyChat, private to its user."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemons.errors import StateDirError
+
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def daemon_name(role: str, topic: str | None) -> str:
+    """`router`, `router-monitor`, `server@rust`, `server-monitor@rust` (systemd-style)."""
+    return f"{role}@{topic}" if topic else role
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def stopping(self) -> Path:
+        """Present while `theychat down` runs: supervisors must not restart anything."""
+        return self.run / "stopping"
+
+    def control(self, name: str) -> Path:
+        return self.run / f"{name}.ctl"
+
+    def pidfile(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    def lockfile(self, name: str) -> Path:
+        return self.run / f"{name}.lock"
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def stderr(self, name: str) -> Path:
+        return self.logs / f"{name}.stderr"
+
+    def ensure(self) -> None:
+        """Create the tree with private modes, or say clearly why it cannot be used."""
+        for d in (self.root, self.run, self.logs):
+            try:
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                st = d.stat()
+                if not stat.S_ISDIR(st.st_mode):
+                    raise StateDirError(f"{d}: not a directory")
+                if st.st_mode & 0o077:
+                    os.chmod(d, 0o700)
+                if not os.access(d, os.W_OK | os.X_OK):
+                    raise StateDirError(f"{d}: not writable")
+            except OSError as e:
+                raise StateDirError(f"{d}: {e.strerror or e}") from None
+        longest = self.control("server-monitor@" + "x" * 32)
+        if len(str(longest)) > MAX_SOCKET_PATH:
+            raise StateDirError(
+                f"{self.root}: path too long for Unix sockets "
+                f"({len(str(longest))} bytes needed, at most {MAX_SOCKET_PATH})"
+            )

@@ -1,0 +1,151 @@
+"""OS process plumbing: detached spawns, pid files, identity checks and pidfd watches.
+
+A pid alone is not an identity (pids are reused), so every pid we keep travels with the
+process start time from /proc; `alive()` checks both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import daemons
+
+# The directory holding the `daemons` package: children must import the same code.
+_CODE_ROOT = str(Path(daemons.__file__).resolve().parent.parent)
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a pid, or None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+def start_time(pid: int) -> int | None:
+    st = proc_stat(pid)
+    return st[1] if st else None
+
+
+def alive(pid: int, started: int | None = None) -> bool:
+    """True if `pid` runs (not a zombie) and, when given, started at `started`."""
+    st = proc_stat(pid)
+    if st is None or st[0] in ("Z", "X"):
+        return False
+    return started is None or st[1] == started
+
+
+@dataclass(frozen=True)
+class PidRecord:
+    pid: int
+    start_time: int
+    incarnation: int = 1
+
+    def alive(self) -> bool:
+        return alive(self.pid, self.start_time)
+
+
+def write_pidfile(path: Path, incarnation: int) -> PidRecord:
+    pid = os.getpid()
+    rec = PidRecord(pid, start_time(pid) or 0, incarnation)
+    tmp = path.with_suffix(f".tmp{pid}")
+    tmp.write_text(json.dumps(rec.__dict__))
+    os.replace(tmp, path)
+    return rec
+
+
+def read_pidfile(path: Path) -> PidRecord | None:
+    try:
+        data = json.loads(path.read_text())
+        return PidRecord(int(data["pid"]), int(data["start_time"]), int(data["incarnation"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_pidfile(path: Path) -> None:
+    """Remove our own pid file, never one a newer incarnation already wrote."""
+    rec = read_pidfile(path)
+    if rec is not None and rec.pid == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def spawn(args: list[str], stderr_path: Path) -> int:
+    """Start `python ARGS...` in its own session: no death of ours takes it along.
+
+    stdin is /dev/null; stdout and stderr go to `stderr_path`, where a crash that got
+    past the logger (or a message for `theychat up` to show) ends up.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(stderr_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    return os.posix_spawn(
+        sys.executable, [sys.executable, *args], env, file_actions=actions, setsid=True
+    )
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status of a child of ours; a process we adopted is not ours."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+async def wait_exit(pid: int, started: int | None) -> None:
+    """Return when the process exits (pidfd: within a millisecond of its death)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        # pidfd_open may have caught a reused pid: check identity now the fd pins it.
+        if not alive(pid, started):
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def exited() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(pidfd, exited)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+        reap(pid)
+
+
+def signal_process(rec: PidRecord, sig: int) -> bool:
+    """Send `sig` only if the pid still belongs to the process we recorded."""
+    if not rec.alive():
+        return False
+    try:
+        pidfd = os.pidfd_open(rec.pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not alive(rec.pid, rec.start_time):
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,316 @@
+"""The router: the one client port, the lobby, the directory of topics and nicks, and the
+supervisor of the router-monitor and of every server-monitor.
+
+Once a client joins a topic its socket belongs to that topic's server; the router is
+off the data path of conversations and only answers directory questions (nick
+changes, direct messages to people elsewhere, topic counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import sys
+import time
+from typing import Any
+
+from daemons import control, daemon
+from daemons.clientconn import ClientConn, Session, set_keepalive
+from daemons.commands import CommandHandler, Pending
+from daemons.control import Message, fail, ok
+from daemons.daemon import Daemon
+from daemons.directory import Directory, NickTaken
+from daemons.errors import ControlError, TheyChatError
+from daemons.protocol import Command
+from daemons.supervisor import ChildSpec, Supervisor
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise TheyChatError(f"listen.host: cannot resolve {host!r}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise TheyChatError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+class Router(CommandHandler):
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+        self.cfg = d.cfg
+        self.log = d.log
+        self.dir = Directory(d.cfg.topics)
+        self.lobby: dict[str, ClientConn] = {}
+        self.sup = Supervisor(d.paths, d.log, d.cfg.supervision.restart_delay_ms / 1000)
+        self.connections = 0  # every client socket in the lobby right now
+
+    def server_ctl(self, topic: str) -> Any:
+        return self.d.paths.control(f"server@{topic}")
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        d = self.d
+        listener = bind_listener(self.cfg.listen.host, self.cfg.listen.port)
+        ctl = control.ControlServer(d.paths.control(d.name), self.on_control, self.log)
+        await ctl.start()
+        await self.reconcile_all()
+        self.sup.add(ChildSpec("router-monitor", "router-monitor", None,
+                               d.child_args("daemons.router_monitor")))
+        for topic in self.dir.topics:
+            self.sup.add(ChildSpec(f"server-monitor@{topic}", "server-monitor", topic,
+                                   d.child_args("daemons.server_monitor", topic)))
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._new_conn, sock=listener)
+        d.ready(host=self.cfg.listen.host, port=listener.getsockname()[1])
+        await d.stop.wait()
+        self.log.info("daemon_stopping")
+        server.close()
+        for conn in list(self.lobby.values()):
+            conn.send({"type": "notice", "text": "the router is shutting down"})
+            conn.close("server shutdown")
+        await ctl.close()
+        await self.sup.close()
+
+    async def reconcile_all(self) -> None:
+        """After a restart, learn who is in which topic from the servers themselves."""
+        for topic in self.dir.topics:
+            with contextlib.suppress(ControlError):
+                reply = control.check(
+                    await control.request(self.server_ctl(topic), {"op": "members"}, timeout=0.5)
+                )
+                self.reconcile(topic, reply.get("members", []))
+
+    def reconcile(self, topic: str, members: list[dict[str, Any]]) -> None:
+        present = set()
+        for m in members:
+            try:
+                self.dir.register(str(m["sid"]), str(m["nick"]), topic)
+                present.add(m["sid"])
+            except (NickTaken, KeyError, TypeError):
+                continue
+        for info in self.dir.in_topic(topic):
+            if info.sid not in present:
+                self.dir.close_session(info.sid)
+
+    # -- the lobby -------------------------------------------------------------------
+
+    def _new_conn(self) -> ClientConn:
+        sid = secrets.token_hex(8)
+        return ClientConn(self, Session(sid, "?"), self.cfg.clients, self.log,
+                          on_made=self._greet)
+
+    def _greet(self, conn: ClientConn) -> None:
+        assert conn.transport is not None
+        if len(self.lobby) >= self.cfg.clients.max_connections:
+            conn.write(b"! server full; try again later\n")
+            conn.close("server full")
+            self.log.warning("client_refused", reason="server full", peer=conn.peer)
+            return
+        with contextlib.suppress(OSError):
+            set_keepalive(conn.transport.get_extra_info("socket"), self.cfg.clients)
+        info = self.dir.open_session(conn.session.sid)
+        conn.session.nick = info.nick
+        self.lobby[conn.session.sid] = conn
+        self.log.info("client_connected", session=conn.session.sid, nick=info.nick,
+                      peer=conn.peer)
+        conn.send({"type": "hello", "session": conn.session.sid, "nick": info.nick})
+        conn.start()
+
+    def lost(self, conn: ClientConn, reason: str) -> None:
+        sid = conn.session.sid
+        if self.lobby.pop(sid, None) is None:
+            return
+        self.dir.close_session(sid)
+        self.log.info("client_left", session=sid, nick=conn.session.nick, topic=None,
+                      reason=reason)
+
+    def say(self, conn: ClientConn, text: str) -> Pending:
+        topics = ", ".join(self.dir.topics)
+        conn.send({"type": "error", "code": "in_lobby",
+                   "text": f"you are in the lobby: /join a topic to talk ({topics})"})
+        return None
+
+    def cmd_nick(self, conn: ClientConn, cmd: Command) -> Pending:
+        try:
+            old = self.dir.rename(conn.session.sid, cmd.arg)
+        except NickTaken:
+            conn.send({"type": "error", "code": "nick_taken",
+                       "text": f"the nick {cmd.arg} is taken"})
+            return None
+        conn.session.nick = cmd.arg
+        self.log.info("nick_changed", session=conn.session.sid, old=old, nick=cmd.arg)
+        conn.send({"type": "ok", "cmd": "nick", "nick": cmd.arg,
+                   "text": f"you are now {cmd.arg}"})
+        return None
+
+    def cmd_topics(self, conn: ClientConn, cmd: Command) -> Pending:
+        conn.send({"type": "topics", "topics": self.dir.counts()})
+        return None
+
+    def cmd_join(self, conn: ClientConn, cmd: Command) -> Pending:
+        topic = self.dir.topic_named(cmd.arg)
+        if topic is None:
+            conn.send({"type": "error", "code": "no_such_topic",
+                       "text": f"no topic {cmd.arg}; topics: {', '.join(self.dir.topics)}"})
+            return None
+        return self._move_to(conn, topic)
+
+    async def _move_to(self, conn: ClientConn, topic: str) -> None:
+        sid = conn.session.sid
+        try:
+            await conn.hand_over(self.server_ctl(topic), {"op": "adopt", "from": None})
+        except ControlError as e:
+            self.log.warning("handoff_failed", session=sid, topic=topic, error=str(e))
+            conn.send({"type": "error", "code": "unavailable",
+                       "text": f"topic {topic} is unavailable right now; try again"})
+            return
+        self.lobby.pop(sid, None)
+        self.dir.move(sid, topic)
+        self.log.info("handoff", session=sid, nick=conn.session.nick, to=topic)
+
+    def cmd_leave(self, conn: ClientConn, cmd: Command) -> Pending:
+        conn.send({"type": "error", "code": "not_in_topic", "text": "you are in the lobby"})
+        return None
+
+    def cmd_history(self, conn: ClientConn, cmd: Command) -> Pending:
+        conn.send({"type": "error", "code": "not_in_topic",
+                   "text": "you are in the lobby: /join a topic first"})
+        return None
+
+    def cmd_who(self, conn: ClientConn, cmd: Command) -> Pending:
+        nicks = sorted((c.session.nick for c in self.lobby.values()), key=str.lower)
+        conn.send({"type": "who", "topic": None, "members": nicks})
+        return None
+
+    def cmd_msg(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._dm(conn, cmd.arg, cmd.text)
+
+    async def _dm(self, conn: ClientConn, to: str, text: str) -> None:
+        reply = await self.deliver_dm(conn.session.nick, to, text)
+        if reply.get("ok"):
+            self.dm_sent(conn, reply["to"])
+        else:
+            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
+
+    async def deliver_dm(self, sender: str, to: str, text: str) -> Message:
+        info = self.dir.find_nick(to)
+        if info is None:
+            return fail("no_such_nick", f"no one is called {to}")
+        event = self.dm_event(sender, info.nick, text, time.time())
+        if info.topic is None:
+            target = self.lobby.get(info.sid)
+            if target is None:
+                return fail("no_such_nick", f"no one is called {to}")
+            target.send(event)
+            return ok(to=info.nick)
+        try:
+            reply = await control.request(
+                self.server_ctl(info.topic), {"op": "deliver", "sid": info.sid, "event": event}
+            )
+        except ControlError:
+            return fail("unavailable", f"{info.nick} cannot be reached right now")
+        return ok(to=info.nick) if reply.get("ok") else reply
+
+    # -- control requests from the other daemons and the CLI -----------------------------
+
+    async def on_control(self, msg: Message, fds: list[int]) -> Message:
+        op = msg["op"]
+        if op == "status":
+            return ok(daemon=self.d.status(), children=self.sup.status(),
+                      topics=self.dir.topics, lobby=len(self.lobby))
+        if op == "topics":
+            return ok(topics=self.dir.counts(), names=self.dir.topics)
+        if op == "adopt":
+            return await self._adopt(msg, fds)
+        if op == "session_at":
+            return self._session_at(msg)
+        if op == "session_end":
+            info = self.dir.close_session(str(msg.get("sid")))
+            return ok(known=info is not None)
+        if op == "nick":
+            return self._rename(msg)
+        if op == "dm":
+            for key in ("from", "to", "text"):
+                if not isinstance(msg.get(key), str):
+                    return fail("bad_request", f"dm.{key}: expected a string")
+            return await self.deliver_dm(msg["from"], msg["to"], msg["text"])
+        if op == "server_hello":
+            topic, members = msg.get("topic"), msg.get("members")
+            if topic not in self.dir.topics or not isinstance(members, list):
+                return fail("bad_request", "server_hello: expected a known topic and members")
+            self.reconcile(topic, members)
+            return ok()
+        return fail("unknown_op", f"unknown op {op!r}")
+
+    def _session_at(self, msg: Message) -> Message:
+        sid, nick, topic = msg.get("sid"), msg.get("nick"), msg.get("topic")
+        if not isinstance(sid, str) or not isinstance(nick, str) or topic not in self.dir.topics:
+            return fail("bad_request", "session_at: expected sid, nick and a known topic")
+        try:
+            self.dir.register(sid, nick, topic)
+        except NickTaken:
+            return fail("nick_taken", f"the nick {nick} is taken")
+        return ok()
+
+    def _rename(self, msg: Message) -> Message:
+        sid, nick = msg.get("sid"), msg.get("nick")
+        if not isinstance(sid, str) or not isinstance(nick, str):
+            return fail("bad_request", "nick: expected sid and nick")
+        if sid not in self.dir.sessions:
+            return fail("no_session", "unknown session")
+        try:
+            old = self.dir.rename(sid, nick)
+        except NickTaken:
+            return fail("nick_taken", f"the nick {nick} is taken")
+        self.log.info("nick_changed", session=sid, old=old, nick=nick)
+        return ok(old=old)
+
+    async def _adopt(self, msg: Message, fds: list[int]) -> Message:
+        """A server passes a client back to the lobby (`/leave`)."""
+        if len(fds) != 1:
+            return fail("bad_request", "adopt: expected exactly one socket")
+        session = Session.from_record(msg.get("session"))
+        try:
+            pending = bytes.fromhex(str(msg.get("pending", "")))
+        except ValueError:
+            return fail("bad_request", "adopt.pending: expected hex")
+        try:
+            info = self.dir.register(session.sid, session.nick, None)
+        except NickTaken:
+            # Only after a router restart lost track of this session: keep the person.
+            info = self.dir.open_session(session.sid)
+            session.nick = info.nick
+        sock = socket.socket(fileno=fds.pop())
+        sock.setblocking(False)
+        conn = ClientConn(self, session, self.cfg.clients, self.log)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+        self.lobby[session.sid] = conn
+        self.log.info("handoff", session=session.sid, nick=session.nick, to=None,
+                      came_from=msg.get("from"))
+        conn.send({"type": "left", "topic": msg.get("from")})
+        conn.start(pending)
+        return ok()
+
+
+async def main_async(d: Daemon) -> None:
+    await Router(d).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return daemon.run("router", main_async, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""server@TOPIC: one topic's members, messages and history, and its clients' sockets.
+
+Clients arrive as sockets passed by the router (or by another server) and from then on
+this process reads and writes them directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from daemons import control, daemon
+from daemons.clientconn import ClientConn, Session
+from daemons.commands import CommandHandler, Pending
+from daemons.control import Message, fail, ok
+from daemons.daemon import Daemon
+from daemons.errors import ControlError, TheyChatError
+from daemons.protocol import Command, fold
+from daemons.render import Event, encode_json, encode_text
+from daemons.room import Room
+
+DEFAULT_HISTORY_LINES = 20
+
+
+class Server(CommandHandler):
+    def __init__(self, d: Daemon) -> None:
+        assert d.topic is not None
+        self.d = d
+        self.cfg = d.cfg
+        self.log = d.log
+        self.topic = d.topic
+        self.room = Room(d.topic, d.cfg.history.size)
+        self.conns: dict[str, ClientConn] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def router_ctl(self) -> Path:
+        return self.d.paths.control("router")
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tell_router(self, msg: Message) -> None:
+        """Best effort: the router re-learns members from us whenever it restarts."""
+        try:
+            control.check(await control.request(self.router_ctl, msg, timeout=1.0))
+        except ControlError as e:
+            self.log.warning("router_unreachable", op=msg["op"], error=str(e))
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        d = self.d
+        ctl = control.ControlServer(d.paths.control(d.name), self.on_control, self.log)
+        await ctl.start()
+        self._background(self._tell_router(
+            {"op": "server_hello", "topic": self.topic, "members": self.members()}
+        ))
+        d.ready(members=len(self.conns))
+        await d.stop.wait()
+        self.log.info("daemon_stopping")
+        await ctl.close()
+        for conn in list(self.conns.values()):
+            conn.send({"type": "notice", "text": f"the server of {self.topic} is shutting down"})
+            conn.close("server shutdown")
+
+    def members(self) -> list[dict[str, str]]:
+        return [{"sid": m.sid, "nick": m.nick} for m in self.room.members.values()]
+
+    # -- fan-out ---------------------------------------------------------------------
+
+    def broadcast(self, event: Event, skip: str | None = None) -> None:
+        """Send one event to every member but `skip`, encoded once per mode."""
+        encoded: dict[bool, bytes] = {}
+        for sid, conn in list(self.conns.items()):
+            if sid == skip:
+                continue
+            mode = conn.session.json
+            data = encoded.get(mode)
+            if data is None:
+                data = encoded[mode] = encode_json(event) if mode else encode_text(event)
+            conn.write(data)
+
+    def presence(self, nick: str, what: str, reason: str | None = None,
+                 skip: str | None = None) -> None:
+        event: Event = {"type": "presence", "topic": self.topic, "nick": nick, "event": what}
+        if reason:
+            event["reason"] = reason
+        self.broadcast(event, skip=skip)
+
+    # -- members arriving and leaving ------------------------------------------------------
+
+    async def adopt(self, msg: Message, fds: list[int]) -> Message:
+        if len(fds) != 1:
+            return fail("bad_request", "adopt: expected exactly one socket")
+        session = Session.from_record(msg.get("session"))
+        try:
+            pending = bytes.fromhex(str(msg.get("pending", "")))
+        except ValueError:
+            return fail("bad_request", "adopt.pending: expected hex")
+        sock = socket.socket(fileno=fds.pop())
+        sock.setblocking(False)
+        conn = ClientConn(self, session, self.cfg.clients, self.log)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+        self.room.add(session.sid, session.nick)
+        self.conns[session.sid] = conn
+        self.log.info("client_joined", session=session.sid, nick=session.nick,
+                      came_from=msg.get("from"), pending_bytes=len(pending))
+        conn.send({"type": "joined", "topic": self.topic, "members": self.room.nicks()})
+        self.presence(session.nick, "joined", skip=session.sid)
+        conn.start(pending)
+        self._background(self._tell_router(
+            {"op": "session_at", "sid": session.sid, "nick": session.nick, "topic": self.topic}
+        ))
+        return ok()
+
+    def _remove(self, conn: ClientConn, reason: str) -> None:
+        sid = conn.session.sid
+        if self.conns.pop(sid, None) is None:
+            return
+        self.room.remove(sid)
+        self.presence(conn.session.nick, "left", reason)
+        self.log.info("client_left", session=sid, nick=conn.session.nick, reason=reason)
+
+    def lost(self, conn: ClientConn, reason: str) -> None:
+        self._remove(conn, reason)
+        self._background(self._tell_router({"op": "session_end", "sid": conn.session.sid}))
+
+    # -- what members say and ask ------------------------------------------------------------
+
+    def say(self, conn: ClientConn, text: str) -> Pending:
+        if not text:
+            return None
+        msg = self.room.post(conn.session.sid, text, time.time())
+        self.broadcast(msg, skip=conn.session.sid)
+        if conn.session.json:
+            conn.send({"type": "sent", "topic": self.topic, "seq": msg["seq"]})
+        return None
+
+    def cmd_who(self, conn: ClientConn, cmd: Command) -> Pending:
+        conn.send({"type": "who", "topic": self.topic, "members": self.room.nicks()})
+        return None
+
+    def cmd_history(self, conn: ClientConn, cmd: Command) -> Pending:
+        n = cmd.number or DEFAULT_HISTORY_LINES
+        conn.send({"type": "history", "topic": self.topic, "messages": self.room.recent(n)})
+        return None
+
+    def cmd_topics(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._topics(conn)
+
+    async def _topics(self, conn: ClientConn) -> None:
+        reply = control.check(await control.request(self.router_ctl, {"op": "topics"}))
+        conn.send({"type": "topics", "topics": reply["topics"]})
+
+    def cmd_nick(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._nick(conn, cmd.arg)
+
+    async def _nick(self, conn: ClientConn, nick: str) -> None:
+        reply = await control.request(
+            self.router_ctl, {"op": "nick", "sid": conn.session.sid, "nick": nick}
+        )
+        if not reply.get("ok"):
+            conn.send({"type": "error", "code": reply.get("code", "error"),
+                       "text": str(reply.get("error"))})
+            return
+        if conn.session.sid not in self.conns:
+            return  # left while we asked
+        old = self.room.rename(conn.session.sid, nick)
+        conn.session.nick = nick
+        conn.send({"type": "ok", "cmd": "nick", "nick": nick, "text": f"you are now {nick}"})
+        self.broadcast({"type": "presence", "topic": self.topic, "nick": nick, "old": old,
+                        "event": "renamed"}, skip=conn.session.sid)
+
+    def cmd_msg(self, conn: ClientConn, cmd: Command) -> Pending:
+        member = self.room.find(cmd.arg)
+        if member is not None:
+            self.conns[member.sid].send(
+                self.dm_event(conn.session.nick, member.nick, cmd.text, time.time())
+            )
+            self.dm_sent(conn, member.nick)
+            return None
+        return self._dm(conn, cmd.arg, cmd.text)
+
+    async def _dm(self, conn: ClientConn, to: str, text: str) -> None:
+        reply = await control.request(
+            self.router_ctl, {"op": "dm", "from": conn.session.nick, "to": to, "text": text}
+        )
+        if reply.get("ok"):
+            self.dm_sent(conn, str(reply.get("to", to)))
+        else:
+            conn.send({"type": "error", "code": reply.get("code", "error"),
+                       "text": str(reply.get("error"))})
+
+    def cmd_join(self, conn: ClientConn, cmd: Command) -> Pending:
+        if fold(cmd.arg) == fold(self.topic):
+            conn.send({"type": "error", "code": "already_here",
+                       "text": f"you are already in {self.topic}"})
+            return None
+        topic = next((t for t in self.cfg.topics if fold(t) == fold(cmd.arg)), None)
+        if topic is None:
+            conn.send({"type": "error", "code": "no_such_topic",
+                       "text": f"no topic {cmd.arg}; topics: {', '.join(self.cfg.topics)}"})
+            return None
+        return self._move(conn, self.d.paths.control(f"server@{topic}"), topic)
+
+    def cmd_leave(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._move(conn, self.router_ctl, None)
+
+    async def _move(self, conn: ClientConn, target: Path, topic: str | None) -> None:
+        """Pass the member on to another topic's server, or back to the lobby."""
+        sid, nick = conn.session.sid, conn.session.nick
+        # Leave first: messages fanned out during the move would be lost with our copy.
+        self.conns.pop(sid, None)
+        self.room.remove(sid)
+        try:
+            await conn.hand_over(target, {"op": "adopt", "from": self.topic})
+        except ControlError as e:
+            self.room.add(sid, nick)
+            self.conns[sid] = conn
+            where = topic or "the lobby"
+            self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
+            conn.send({"type": "error", "code": "unavailable",
+                       "text": f"cannot move you to {where} right now; try again"})
+            return
+        reason = f"went to {topic}" if topic else "went to the lobby"
+        self.presence(nick, "left", reason)
+        self.log.info("handoff", session=sid, nick=nick, to=topic)
+
+    # -- control requests ------------------------------------------------------------------
+
+    async def on_control(self, msg: Message, fds: list[int]) -> Message:
+        op = msg["op"]
+        if op == "status":
+            return ok(daemon=self.d.status(), members=len(self.conns),
+                      next_seq=self.room.next_seq)
+        if op == "adopt":
+            return await self.adopt(msg, fds)
+        if op == "members":
+            return ok(members=self.members())
+        if op == "deliver":
+            conn = self.conns.get(str(msg.get("sid")))
+            event = msg.get("event")
+            if conn is None or not isinstance(event, dict):
+                return fail("no_such_nick", "that person just left")
+            conn.send(event)
+            return ok(to=conn.session.nick)
+        return fail("unknown_op", f"unknown op {op!r}")
+
+
+async def main_async(d: Daemon) -> None:
+    if d.topic is None or d.topic not in d.cfg.topics:
+        raise TheyChatError(f"--topic: expected one of {', '.join(d.cfg.topics)}")
+    await Server(d).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return daemon.run("server", main_async, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
