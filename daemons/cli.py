@@ -148,6 +148,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         names = ", ".join(f"{n} (pid {r.pid})" for n, r in running.items())
         raise CliError(f"already running in {paths.root}: {names}; run `theychat down` first")
     paths.stopping.unlink(missing_ok=True)
+    for stale in paths.run.glob("*.pid"):
+        stale.unlink()  # a fresh tree counts restarts from zero
     err = paths.stderr("router")
     mark = err.stat().st_size if err.exists() else 0
     argv = ["-m", "daemons.router", "--state-dir", str(paths.root)]
@@ -161,7 +163,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     while time.monotonic() < deadline:
         time.sleep(0.1)
         procs.reap(pid)
-        if not procs.alive(pid, started) and procs.read_pidfile(paths.pidfile("router")) is None:
+        rec = procs.read_pidfile(paths.pidfile("router"))
+        if not procs.alive(pid, started) and not (rec and rec.alive()):
             why = _tail(err, mark) or "the router exited during start"
             stop_tree(paths)
             raise CliError(f"TheyChat did not start: {why}")

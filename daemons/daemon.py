@@ -115,7 +115,8 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
         log.exception("daemon_crashed", error=repr(e))
         return 1
     finally:
-        procs.remove_pidfile(paths.pidfile(name))
+        # The pid file stays: its incarnation counts restarts, and `alive()` checks the
+        # start time, so a stale one names no one. `theychat down` clears them.
         log.info("daemon_stopped")
     return 0
 

@@ -72,14 +72,6 @@ def read_pidfile(path: Path) -> PidRecord | None:
         return None
 
 
-def remove_pidfile(path: Path) -> None:
-    """Remove our own pid file, never one a newer incarnation already wrote."""
-    rec = read_pidfile(path)
-    if rec is not None and rec.pid == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
 def spawn(args: list[str], stderr_path: Path) -> int:
     """Start `python ARGS...` in its own session: no death of ours takes it along.
 
