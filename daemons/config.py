@@ -8,6 +8,7 @@ file without reading code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -131,6 +132,8 @@ def _convert(value: Any, tp: Any, key: str, meta: typing.Mapping[str, Any]) -> A
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif tp is str and not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
     lo, hi = meta.get("min"), meta.get("max")
@@ -150,7 +153,8 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     for k in data:
         if k not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}{k}: unknown key (known keys here: {known})")
+            shown = k if isinstance(k, str) and k.isprintable() else repr(k)
+            raise ConfigError(f"{prefix}{shown}: unknown key (known keys here: {known})")
     kwargs = {
         name: _convert(data[name], hints[name], prefix + name, f.metadata)
         for name, f in fields.items()

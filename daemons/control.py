@@ -48,7 +48,7 @@ def encode(msg: Message) -> bytes:
 def decode(data: bytes) -> Message:
     try:
         msg = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise ControlError("malformed JSON", "bad_json") from None
     if not isinstance(msg, dict):
         raise ControlError("expected a JSON object", "bad_request")
@@ -243,5 +243,6 @@ def request_sync(path: Path, msg: Message, timeout: float = 2.0) -> Message:
 def check(reply: Message) -> Message:
     """Raise the error a peer replied with, or return its reply."""
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "request failed")), str(reply.get("code")))
+        raise ControlError(str(reply.get("error", "request failed")),
+                           str(reply.get("code") or "control_error"))
     return reply

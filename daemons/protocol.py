@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from daemons.errors import BadArguments, InvalidUtf8, LineTooLong, UnknownCommand
 
 MAX_LINE_BYTES = 4096
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 # CSI, OSC (up to BEL or ST) and two-byte escapes; whatever is left of a broken sequence
 # loses its ESC below and is harmless printable text.
 _ANSI_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
-# C0 and C1 controls, DEL, and the bidi overrides that can make text lie about itself.
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls, DEL, the Unicode line/paragraph separators (a line break in
+# disguise), and the bidi overrides that can make text lie about itself.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def sanitize(text: str) -> str:
@@ -29,7 +30,7 @@ def sanitize(text: str) -> str:
 
 
 def valid_name(name: str) -> bool:
-    return NAME_RE.match(name) is not None
+    return NAME_RE.fullmatch(name) is not None
 
 
 def fold(name: str) -> str:
@@ -167,7 +168,8 @@ def parse(line: str) -> Say | Command | None:
     if name == "history":
         if not rest:
             return Command(name, number=None)
-        if not rest.isdigit() or not 1 <= int(rest) <= HISTORY_MAX:
+        # isascii: "²".isdigit() is true but int() rejects it
+        if not (rest.isascii() and rest.isdigit()) or not 1 <= int(rest) <= HISTORY_MAX:
             raise BadArguments(f"usage: {usage} with N from 1 to {HISTORY_MAX}")
         return Command(name, number=int(rest))
     if name == "json":

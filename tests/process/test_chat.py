@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -302,8 +303,8 @@ def test_a_client_that_stops_reading_is_cut_off(make_tree) -> None:  # type: ign
     ev = t.wait_event("server@rust", "client_left", nick="sleepy11")
     assert ev["reason"] == "too slow: output queue full"
     # the server's memory did not grow without bound meanwhile, and it still serves
-    rss_kib = int(next(ln.split()[1] for ln in open(f"/proc/{t.pid('server@rust')}/status")
-                       if ln.startswith("VmRSS")))
+    status = Path(f"/proc/{t.pid('server@rust')}/status").read_text().splitlines()
+    rss_kib = int(next(ln.split()[1] for ln in status if ln.startswith("VmRSS")))
     assert rss_kib < 200_000
     talker.send("still fine")
     assert watcher.expect("talker11: still") == "[rust] talker11: still fine"
