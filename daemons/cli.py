@@ -194,14 +194,19 @@ def _foreground(paths: StatePaths) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     offsets: dict[Path, int] = {}
     while not stop:
+        fresh: list[str] = []
         for path in sorted(paths.logs.glob("*.log")):
             with open(path, encoding="utf-8", errors="replace") as f:
                 f.seek(offsets.get(path, 0))
                 while (line := f.readline()).endswith("\n"):
-                    shown = logs.human(line)
-                    if shown:
-                        print(shown, file=sys.stderr, flush=True)
+                    fresh.append(line)
                 offsets[path] = f.tell() - len(line.encode())
+        # Interleave the daemons' lines by time (ISO timestamps sort as text).
+        fresh.sort(key=lambda ln: ln.partition('"ts": "')[2][:27])
+        for line in fresh:
+            shown = logs.human(line)
+            if shown:
+                print(shown, file=sys.stderr, flush=True)
         time.sleep(0.2)
     print("stopping TheyChat ...", file=sys.stderr, flush=True)
     n = stop_tree(paths)

@@ -92,6 +92,11 @@ class ClientConn(asyncio.Protocol):
         self._task: asyncio.Future[None] | None = None  # the command now running
         self.peer = ""
 
+    def fileno(self) -> int:
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        return int(sock.fileno())
+
     # -- asyncio callbacks -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -159,7 +164,9 @@ class ClientConn(asyncio.Protocol):
         try:
             await pending
         except ControlError as e:
-            self.send(render.error("unavailable", f"{e}; try again in a moment"))
+            # The daemon that could not be asked is ours to name in the log, not to users.
+            self.log.warning("command_unavailable", session=self.session.sid, error=str(e))
+            self.send(render.error("unavailable", "that is not available right now; try again"))
         except Exception as e:  # a bug in one command must not cost the daemon
             self.log.exception("command_failed", session=self.session.sid, error=repr(e))
             self.send(render.error("internal", "internal error; the operator can see why"))
@@ -233,3 +240,12 @@ class ClientConn(asyncio.Protocol):
         self.detached = True
         self.transport.abort()
         return reply
+
+
+async def attach(owner: Owner, session: Session, fd: int, limits: Clients, log: Any) -> ClientConn:
+    """Wrap a client socket passed to us (handoff or fd store) in a paused ClientConn."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    conn = ClientConn(owner, session, limits, log)
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+    return conn

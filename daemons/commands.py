@@ -7,11 +7,13 @@ must wait for I/O (the connection pauses until it finishes).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
 from daemons import render
 from daemons.clientconn import ClientConn
+from daemons.errors import ControlError
 from daemons.protocol import Command, Say, help_lines
 
 Pending = Awaitable[None] | None
@@ -37,8 +39,15 @@ class CommandHandler:
         conn.send({"type": "help", "command": cmd.arg or None, "lines": help_lines(cmd.arg)})
         return None
 
+    def session_changed(self, conn: ClientConn) -> asyncio.Future[bool] | None:
+        """The session record changed (nick, mode): places that keep a copy update it.
+
+        Returns a future that says when the copy is kept, or None if there is none."""
+        return None
+
     def cmd_json(self, conn: ClientConn, cmd: Command) -> Pending:
         conn.session.json = cmd.arg == "on"
+        self.session_changed(conn)
         conn.send({"type": "ok", "cmd": "json", "json": conn.session.json,
                    "text": f"JSON mode {cmd.arg}"})
         return None
@@ -55,3 +64,12 @@ class CommandHandler:
     @staticmethod
     def dm_sent(conn: ClientConn, to: str) -> None:
         conn.send({"type": "ok", "cmd": "msg", "to": to, "text": f"sent to {to}"})
+
+
+def handoff_error(e: ControlError, unavailable: str) -> render.Event:
+    """What a person is told when a move to a topic or the lobby did not happen."""
+    if e.code == "flooding":
+        return render.error("flooding", "too much unread input; slow down and try again")
+    if e.code == "slow_client":
+        return render.error("slow_client", "you are not reading what we send; try again")
+    return render.error("unavailable", unavailable)

@@ -31,7 +31,7 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Listen:
     host: str = "127.0.0.1"
-    port: int = field(default=7000, metadata=_range(0, 65535))
+    port: int = field(default=7000, metadata=_range(1, 65535))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 SEQPACKET keeps message boundaries, so a packet is exactly one JSON line and file
 descriptors passed with SCM_RIGHTS arrive attached to the request they belong to (the
 client-socket handoff). Every request gets exactly one reply:
-`{"ok": true, ...}` or `{"ok": false, "code": "...", "error": "..."}`.
+`{"ok": true, ...}` or `{"ok": false, "code": "...", "error": "..."}`. A handler may put
+fds to send back under the reply key `_fds` (it keeps ownership of them).
 
 Debug by hand with: `socat - UNIX-CONNECT:STATE/run/router.ctl,type=5`.
 """
@@ -25,7 +26,7 @@ from daemons.errors import ControlError
 # Below the default socket send buffer (net.core.wmem_default, 208 KiB): a SEQPACKET
 # message must fit in it whole.
 MAX_PACKET = 192 * 1024
-MAX_FDS = 8
+MAX_FDS = 64  # per packet; fd_fetch sends up to fdstore.FETCH_BATCH
 Message = dict[str, Any]
 Handler = Callable[[Message, list[int]], Awaitable[Message]]
 
@@ -165,8 +166,9 @@ class ControlServer:
                     close_fds(fds)
                     return
                 reply = await self._answer(data, fds)
+                reply_fds = reply.pop("_fds", [])
                 try:
-                    await send_packet(conn, encode(reply))
+                    await send_packet(conn, encode(reply), reply_fds)
                 except (ControlError, OSError) as e:
                     self._log.warning("control_reply_failed", error=str(e))
                     return
@@ -195,10 +197,10 @@ class ControlServer:
             t.cancel()
 
 
-async def request(
+async def request_fds(
     path: Path, msg: Message, fds: Sequence[int] = (), timeout: float = 2.0
-) -> Message:
-    """Send one request and return the reply; ControlError if the peer is unreachable."""
+) -> tuple[Message, list[int]]:
+    """Send one request; return the reply and the fds that came with it (now ours)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.setblocking(False)
     try:
@@ -206,7 +208,6 @@ async def request(
             await asyncio.get_running_loop().sock_connect(sock, str(path))
             await send_packet(sock, encode(msg), fds)
             data, extra = await recv_packet(sock)
-            close_fds(extra)
     except TimeoutError:
         raise ControlError(f"{path.name}: no reply in {timeout:.1f}s", "unavailable") from None
     except OSError as e:
@@ -214,8 +215,22 @@ async def request(
     finally:
         sock.close()
     if not data:
+        close_fds(extra)
         raise ControlError(f"{path.name}: closed without a reply", "unavailable")
-    return decode(data)
+    try:
+        return decode(data), extra
+    except ControlError:
+        close_fds(extra)
+        raise
+
+
+async def request(
+    path: Path, msg: Message, fds: Sequence[int] = (), timeout: float = 2.0
+) -> Message:
+    """Send one request and return the reply; ControlError if the peer is unreachable."""
+    reply, extra = await request_fds(path, msg, fds, timeout)
+    close_fds(extra)
+    return reply
 
 
 def request_sync(path: Path, msg: Message, timeout: float = 2.0) -> Message:

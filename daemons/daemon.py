@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sdnotify
+
 from daemons import config, logs, procs
 from daemons.config import Config
 from daemons.errors import TheyChatError
@@ -68,6 +70,8 @@ class Daemon:
     def ready(self, **fields: Any) -> None:
         self.state = "ready"
         self.log.info("daemon_ready", **fields)
+        # A no-op unless systemd started us with Type=notify (NOTIFY_SOCKET set).
+        sdnotify.SystemdNotifier().notify("READY=1")
 
 
 def _fail(name: str, text: str, code: int) -> int:
@@ -99,13 +103,12 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
         return _fail(name, "already running (its lock is held)", EXIT_LOCKED)
     previous = procs.read_pidfile(paths.pidfile(name))
     incarnation = previous.incarnation + 1 if previous else 1
-    log = logs.configure(
-        paths.log(name), cfg.log.level, role=role, topic=args.topic, pid=os.getpid()
-    )
+    log = logs.configure(paths.log(name), cfg.log.level, role=role, topic=args.topic,
+                         pid=os.getpid(), incarnation=incarnation)
     procs.write_pidfile(paths.pidfile(name), incarnation)
     d = Daemon(role, args.topic, cfg, paths, args.config and os.path.abspath(args.config),
                log, incarnation)
-    log.info("daemon_started", incarnation=incarnation, state_dir=str(paths.root))
+    log.info("daemon_started", state_dir=str(paths.root))
     try:
         asyncio.run(_main(d, body))
     except TheyChatError as e:

@@ -32,7 +32,7 @@ def configure(path: Path, level: str, **bound: Any) -> Logger:
     return structlog.get_logger().bind(**bound)
 
 
-_SKIP = {"event", "ts", "level", "role", "topic", "pid"}
+_SKIP = {"event", "ts", "level", "role", "topic", "pid", "incarnation"}
 
 
 def human(line: str) -> str | None:

@@ -1,26 +1,43 @@
-"""What the two kinds of monitor share: supervise one child, answer `status`."""
+"""What the two kinds of monitor share: supervise one child, hold duplicates of its client
+sockets (fdstore), answer `status`.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 from daemons import control
 from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
+from daemons.errors import ControlError
+from daemons.fdstore import FdVault
 from daemons.supervisor import ChildSpec, Supervisor
 
 
 async def supervise_one(d: Daemon, spec: ChildSpec) -> None:
     sup = Supervisor(d.paths, d.log, d.cfg.supervision.restart_delay_ms / 1000)
+    vault = FdVault()
+    worker_ctl = d.paths.control(spec.name)
 
     async def on_control(msg: Message, fds: list[int]) -> Message:
+        reply = vault.handle(msg, fds)
+        if reply is not None:
+            return reply
         if msg["op"] == "status":
-            return ok(daemon=d.status(), children=sup.status())
+            return ok(daemon=d.status(), children=sup.status(), fds_held=len(vault))
         return fail("unknown_op", f"unknown op {msg['op']!r}")
 
     ctl = control.ControlServer(d.paths.control(d.name), on_control, d.log)
     await ctl.start()
     sup.add(spec)
+    # A worker that outlived our previous incarnation stored its sockets there: ask it
+    # to store them again here. A worker that is only starting fetches (nothing) itself.
+    with contextlib.suppress(ControlError):
+        reply = control.check(await control.request(worker_ctl, {"op": "fd_resync"}))
+        d.log.info("fds_resync_requested", child=spec.name, count=reply.get("count"))
     d.ready(child=spec.name)
     await d.stop.wait()
     d.log.info("daemon_stopping")
     await ctl.close()
     await sup.close()
+    vault.close_all()

@@ -31,8 +31,6 @@ def text_lines(event: Event) -> list[str]:
     if t == "message":
         return [_message_text(event)]
     if t == "dm":
-        if event.get("echo"):
-            return [f"[dm to {event['to']}] {event['text']}"]
         return [f"[dm from {event['from']}] {event['text']}"]
     if t == "error":
         return [f"! {event['text']}"]

@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import socket
 import sys
 import time
 from typing import Any
 
-from daemons import control, daemon
-from daemons.clientconn import ClientConn, Session, set_keepalive
-from daemons.commands import CommandHandler, Pending
+from daemons import control, daemon, fdstore
+from daemons.clientconn import ClientConn, Session, attach, set_keepalive
+from daemons.commands import CommandHandler, Pending, handoff_error
 from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
 from daemons.directory import Directory, NickTaken
 from daemons.errors import ControlError, TheyChatError
+from daemons.fdstore import FdKeeper
 from daemons.protocol import Command
 from daemons.supervisor import ChildSpec, Supervisor
+
+LISTENER = "listener"  # fd store key of the client port's listening socket
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -53,7 +57,9 @@ class Router(CommandHandler):
         self.dir = Directory(d.cfg.topics)
         self.lobby: dict[str, ClientConn] = {}
         self.sup = Supervisor(d.paths, d.log, d.cfg.supervision.restart_delay_ms / 1000)
-        self.connections = 0  # every client socket in the lobby right now
+        self.keeper = FdKeeper(d.paths.control("router-monitor"), d.log)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.listener: socket.socket | None = None
 
     def server_ctl(self, topic: str) -> Any:
         return self.d.paths.control(f"server@{topic}")
@@ -62,10 +68,19 @@ class Router(CommandHandler):
 
     async def run(self) -> None:
         d = self.d
-        listener = bind_listener(self.cfg.listen.host, self.cfg.listen.port)
+        restored = await self.take_back_sockets()
+        if self.listener is None:
+            self.listener = bind_listener(self.cfg.listen.host, self.cfg.listen.port)
+        listener = self.listener
         ctl = control.ControlServer(d.paths.control(d.name), self.on_control, self.log)
         await ctl.start()
         await self.reconcile_all()
+        for conn in restored:
+            self.lobby[conn.session.sid] = conn
+        for conn in restored:
+            conn.start()
+        self.keeper.start()
+        self.keeper.store(LISTENER, listener.fileno(), {"kind": LISTENER})
         self.sup.add(ChildSpec("router-monitor", "router-monitor", None,
                                d.child_args("daemons.router_monitor")))
         for topic in self.dir.topics:
@@ -82,6 +97,43 @@ class Router(CommandHandler):
             conn.close("server shutdown")
         await ctl.close()
         await self.sup.close()
+        await self.keeper.close()
+
+    async def take_back_sockets(self) -> list[ClientConn]:
+        """After a restart: the listening socket and the lobby's clients, from our monitor.
+
+        Reusing the listener means no connection is refused while the router restarts:
+        the kernel queues them in its backlog.
+        """
+        try:
+            items = await self.keeper.fetch_all()
+        except ControlError as e:
+            self.log.info("fds_unavailable", error=str(e))
+            return []
+        restored = []
+        for key, fd, meta in items:
+            if key == LISTENER:
+                sock = socket.socket(fileno=fd)
+                want = (self.cfg.listen.host, self.cfg.listen.port)
+                if self.listener is None and sock.getsockname()[:2] == want:
+                    sock.setblocking(False)
+                    self.listener = sock
+                else:
+                    sock.close()
+                continue
+            try:
+                session = Session.from_record(meta)
+            except ControlError:
+                os.close(fd)
+                continue
+            try:
+                self.dir.register(session.sid, session.nick, None)
+            except NickTaken:
+                session.nick = self.dir.open_session(session.sid).nick
+            restored.append(await attach(self, session, fd, self.cfg.clients, self.log))
+        self.log.info("fds_restored", count=len(restored),
+                      listener=self.listener is not None)
+        return restored
 
     async def reconcile_all(self) -> None:
         """After a restart, learn who is in which topic from the servers themselves."""
@@ -113,7 +165,7 @@ class Router(CommandHandler):
 
     def _greet(self, conn: ClientConn) -> None:
         assert conn.transport is not None
-        if len(self.lobby) >= self.cfg.clients.max_connections:
+        if len(self.dir.sessions) >= self.cfg.clients.max_connections:
             conn.write(b"! server full; try again later\n")
             conn.close("server full")
             self.log.warning("client_refused", reason="server full", peer=conn.peer)
@@ -123,18 +175,30 @@ class Router(CommandHandler):
         info = self.dir.open_session(conn.session.sid)
         conn.session.nick = info.nick
         self.lobby[conn.session.sid] = conn
+        kept = self.keeper.store(conn.session.sid, conn.fileno(), conn.session.record())
         self.log.info("client_connected", session=conn.session.sid, nick=info.nick,
                       peer=conn.peer)
-        conn.send({"type": "hello", "session": conn.session.sid, "nick": info.nick})
+        self._background(self._welcome(conn, kept))
+
+    async def _welcome(self, conn: ClientConn, kept: asyncio.Future[bool]) -> None:
+        # Greet only once our monitor holds the socket: from then on a router restart
+        # cannot lose this person.
+        await self.keeper.settled(kept)
+        conn.send({"type": "hello", "session": conn.session.sid, "nick": conn.session.nick})
         conn.start()
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def lost(self, conn: ClientConn, reason: str) -> None:
         sid = conn.session.sid
         if self.lobby.pop(sid, None) is None:
             return
+        self.keeper.drop(sid)
         self.dir.close_session(sid)
-        self.log.info("client_left", session=sid, nick=conn.session.nick, topic=None,
-                      reason=reason)
+        self.log.info("client_left", session=sid, nick=conn.session.nick, reason=reason)
 
     def say(self, conn: ClientConn, text: str) -> Pending:
         topics = ", ".join(self.dir.topics)
@@ -151,9 +215,14 @@ class Router(CommandHandler):
             return None
         conn.session.nick = cmd.arg
         self.log.info("nick_changed", session=conn.session.sid, old=old, nick=cmd.arg)
-        conn.send({"type": "ok", "cmd": "nick", "nick": cmd.arg,
-                   "text": f"you are now {cmd.arg}"})
-        return None
+        return self._nick_kept(conn)
+
+    async def _nick_kept(self, conn: ClientConn) -> None:
+        kept = self.session_changed(conn)
+        if kept is not None:
+            await self.keeper.settled(kept)
+        conn.send({"type": "ok", "cmd": "nick", "nick": conn.session.nick,
+                   "text": f"you are now {conn.session.nick}"})
 
     def cmd_topics(self, conn: ClientConn, cmd: Command) -> Pending:
         conn.send({"type": "topics", "topics": self.dir.counts()})
@@ -172,11 +241,11 @@ class Router(CommandHandler):
         try:
             await conn.hand_over(self.server_ctl(topic), {"op": "adopt", "from": None})
         except ControlError as e:
-            self.log.warning("handoff_failed", session=sid, topic=topic, error=str(e))
-            conn.send({"type": "error", "code": "unavailable",
-                       "text": f"topic {topic} is unavailable right now; try again"})
+            self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
+            conn.send(handoff_error(e, f"topic {topic} is unavailable right now; try again"))
             return
         self.lobby.pop(sid, None)
+        self.keeper.drop(sid)
         self.dir.move(sid, topic)
         self.log.info("handoff", session=sid, nick=conn.session.nick, to=topic)
 
@@ -246,6 +315,8 @@ class Router(CommandHandler):
                 if not isinstance(msg.get(key), str):
                     return fail("bad_request", f"dm.{key}: expected a string")
             return await self.deliver_dm(msg["from"], msg["to"], msg["text"])
+        if op == "fd_resync":
+            return ok(count=fdstore.resync(self.keeper, self._held_sockets))
         if op == "server_hello":
             topic, members = msg.get("topic"), msg.get("members")
             if topic not in self.dir.topics or not isinstance(members, list):
@@ -253,6 +324,17 @@ class Router(CommandHandler):
             self.reconcile(topic, members)
             return ok()
         return fail("unknown_op", f"unknown op {op!r}")
+
+    def _held_sockets(self) -> list[tuple[str, int, dict[str, Any]]]:
+        items = [(sid, c.fileno(), c.session.record()) for sid, c in self.lobby.items()]
+        if self.listener is not None:
+            items.append((LISTENER, self.listener.fileno(), {"kind": LISTENER}))
+        return items
+
+    def session_changed(self, conn: ClientConn) -> asyncio.Future[bool] | None:
+        if conn.session.sid not in self.lobby:
+            return None
+        return self.keeper.store(conn.session.sid, None, conn.session.record())
 
     def _session_at(self, msg: Message) -> Message:
         sid, nick, topic = msg.get("sid"), msg.get("nick"), msg.get("topic")
@@ -292,11 +374,9 @@ class Router(CommandHandler):
             # Only after a router restart lost track of this session: keep the person.
             info = self.dir.open_session(session.sid)
             session.nick = info.nick
-        sock = socket.socket(fileno=fds.pop())
-        sock.setblocking(False)
-        conn = ClientConn(self, session, self.cfg.clients, self.log)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+        conn = await attach(self, session, fds.pop(), self.cfg.clients, self.log)
         self.lobby[session.sid] = conn
+        await self.keeper.settled(self.keeper.store(session.sid, conn.fileno(), session.record()))
         self.log.info("handoff", session=session.sid, nick=session.nick, to=None,
                       came_from=msg.get("from"))
         conn.send({"type": "left", "topic": msg.get("from")})

@@ -7,18 +7,19 @@ this process reads and writes them directly.
 from __future__ import annotations
 
 import asyncio
-import socket
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from daemons import control, daemon
-from daemons.clientconn import ClientConn, Session
-from daemons.commands import CommandHandler, Pending
+from daemons import control, daemon, fdstore
+from daemons.clientconn import ClientConn, Session, attach
+from daemons.commands import CommandHandler, Pending, handoff_error
 from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
 from daemons.errors import ControlError, TheyChatError
+from daemons.fdstore import FdKeeper
 from daemons.protocol import Command, fold
 from daemons.render import Event, encode_json, encode_text
 from daemons.room import Room
@@ -36,6 +37,7 @@ class Server(CommandHandler):
         self.room = Room(d.topic, d.cfg.history.size)
         self.conns: dict[str, ClientConn] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.keeper = FdKeeper(d.paths.control(f"server-monitor@{d.topic}"), d.log)
 
     @property
     def router_ctl(self) -> Path:
@@ -58,6 +60,8 @@ class Server(CommandHandler):
     async def run(self) -> None:
         d = self.d
         ctl = control.ControlServer(d.paths.control(d.name), self.on_control, self.log)
+        await self.restore_sockets()
+        self.keeper.start()
         await ctl.start()
         self._background(self._tell_router(
             {"op": "server_hello", "topic": self.topic, "members": self.members()}
@@ -66,9 +70,35 @@ class Server(CommandHandler):
         await d.stop.wait()
         self.log.info("daemon_stopping")
         await ctl.close()
+        await self.keeper.close()
         for conn in list(self.conns.values()):
             conn.send({"type": "notice", "text": f"the server of {self.topic} is shutting down"})
             conn.close("server shutdown")
+
+    async def restore_sockets(self) -> None:
+        """Take back the client sockets our monitor kept while we were dead."""
+        try:
+            items = await self.keeper.fetch_all()
+        except ControlError as e:
+            self.log.warning("fds_unavailable", error=str(e))
+            return
+        for _key, fd, meta in items:
+            try:
+                session = Session.from_record(meta)
+            except ControlError:
+                os.close(fd)
+                continue
+            conn = await attach(self, session, fd, self.cfg.clients, self.log)
+            self.room.add(session.sid, session.nick)
+            self.conns[session.sid] = conn
+        # Only now: a line sent during the outage must reach every member, so none may
+        # be handled before all are back.
+        for conn in list(self.conns.values()):
+            conn.start()
+        self.log.info("fds_restored", count=len(items))
+
+    def session_changed(self, conn: ClientConn) -> asyncio.Future[bool] | None:
+        return self.keeper.store(conn.session.sid, None, conn.session.record())
 
     def members(self) -> list[dict[str, str]]:
         return [{"sid": m.sid, "nick": m.nick} for m in self.room.members.values()]
@@ -104,12 +134,11 @@ class Server(CommandHandler):
             pending = bytes.fromhex(str(msg.get("pending", "")))
         except ValueError:
             return fail("bad_request", "adopt.pending: expected hex")
-        sock = socket.socket(fileno=fds.pop())
-        sock.setblocking(False)
-        conn = ClientConn(self, session, self.cfg.clients, self.log)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+        conn = await attach(self, session, fds.pop(), self.cfg.clients, self.log)
         self.room.add(session.sid, session.nick)
         self.conns[session.sid] = conn
+        # Reply (and so let the sender drop its copy) only once our monitor has one.
+        await self.keeper.settled(self.keeper.store(session.sid, conn.fileno(), session.record()))
         self.log.info("client_joined", session=session.sid, nick=session.nick,
                       came_from=msg.get("from"), pending_bytes=len(pending))
         conn.send({"type": "joined", "topic": self.topic, "members": self.room.nicks()})
@@ -125,6 +154,7 @@ class Server(CommandHandler):
         if self.conns.pop(sid, None) is None:
             return
         self.room.remove(sid)
+        self.keeper.drop(sid)
         self.presence(conn.session.nick, "left", reason)
         self.log.info("client_left", session=sid, nick=conn.session.nick, reason=reason)
 
@@ -174,6 +204,9 @@ class Server(CommandHandler):
             return  # left while we asked
         old = self.room.rename(conn.session.sid, nick)
         conn.session.nick = nick
+        kept = self.session_changed(conn)
+        if kept is not None:
+            await self.keeper.settled(kept)
         conn.send({"type": "ok", "cmd": "nick", "nick": nick, "text": f"you are now {nick}"})
         self.broadcast({"type": "presence", "topic": self.topic, "nick": nick, "old": old,
                         "event": "renamed"}, skip=conn.session.sid)
@@ -226,9 +259,9 @@ class Server(CommandHandler):
             self.conns[sid] = conn
             where = topic or "the lobby"
             self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
-            conn.send({"type": "error", "code": "unavailable",
-                       "text": f"cannot move you to {where} right now; try again"})
+            conn.send(handoff_error(e, f"cannot move you to {where} right now; try again"))
             return
+        self.keeper.drop(sid)
         reason = f"went to {topic}" if topic else "went to the lobby"
         self.presence(nick, "left", reason)
         self.log.info("handoff", session=sid, nick=nick, to=topic)
@@ -244,6 +277,9 @@ class Server(CommandHandler):
             return await self.adopt(msg, fds)
         if op == "members":
             return ok(members=self.members())
+        if op == "fd_resync":
+            items = [(sid, c.fileno(), c.session.record()) for sid, c in self.conns.items()]
+            return ok(count=fdstore.resync(self.keeper, lambda: items))
         if op == "deliver":
             conn = self.conns.get(str(msg.get("sid")))
             event = msg.get("event")

@@ -88,8 +88,9 @@ def test_state_dir_string() -> None:
 
 
 def test_range_edges_accepted() -> None:
-    cfg = from_mapping({"listen": {"port": 0}, "history": {"size": 0}})
-    assert cfg.listen.port == 0 and cfg.history.size == 0
+    cfg = from_mapping({"listen": {"port": 1}, "history": {"size": 0}})
+    assert cfg.listen.port == 1 and cfg.history.size == 0
+    assert config_error({"listen": {"port": 0}}) == "listen.port: must be at least 1, got 0"
     assert from_mapping({"listen": {"port": 65535}}).listen.port == 65535
 
 

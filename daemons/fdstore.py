@@ -1,0 +1,152 @@
+"""Sockets that outlive the process serving them, after systemd's file descriptor store.
+
+The worker (a topic server, or the router for its lobby) passes a duplicate of every
+client socket it owns to its monitor (`fd_store`, keyed by session id, with the session
+record), and says `fd_drop` when the client leaves. A restarted worker asks for them back
+(`fd_fetch`) and carries on; the clients saw a pause. A restarted monitor asks the worker
+to store everything again (`fd_resync`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from daemons import control
+from daemons.control import Message, fail, ok
+from daemons.errors import ControlError
+
+FETCH_BATCH = 32  # fds per reply packet; the kernel allows 253
+
+
+class FdVault:
+    """The monitor's side: holds the duplicates. Owns every fd it holds."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[int | None, dict[str, Any]]] = {}
+
+    def __len__(self) -> int:
+        return sum(1 for fd, _ in self.entries.values() if fd is not None)
+
+    def handle(self, msg: Message, fds: list[int]) -> Message | None:
+        """Answer an fd_* request, or None if `msg` is not one."""
+        op = msg["op"]
+        key = msg.get("id")
+        if op == "fd_store":
+            if not isinstance(key, str) or not isinstance(msg.get("meta"), dict) or len(fds) > 1:
+                return fail("bad_request", "fd_store: expected id, meta and at most one fd")
+            old_fd, _ = self.entries.get(key, (None, {}))
+            new_fd = fds.pop() if fds else old_fd  # no fd: only the record changed
+            if old_fd is not None and old_fd != new_fd:
+                os.close(old_fd)
+            self.entries[key] = (new_fd, msg["meta"])
+            return ok(held=len(self))
+        if op == "fd_drop":
+            if not isinstance(key, str):
+                return fail("bad_request", "fd_drop: expected id")
+            fd, _ = self.entries.pop(key, (None, {}))
+            if fd is not None:
+                os.close(fd)
+            return ok(held=len(self))
+        if op == "fd_fetch":
+            return self._fetch(msg)
+        return None
+
+    def _fetch(self, msg: Message) -> Message:
+        after = msg.get("after") or ""
+        keys = sorted(k for k, (fd, _) in self.entries.items() if fd is not None and k > after)
+        batch = keys[:FETCH_BATCH]
+        return ok(items=[{"id": k, "meta": self.entries[k][1]} for k in batch],
+                  more=len(keys) > len(batch), _fds=[self.entries[k][0] for k in batch])
+
+    def close_all(self) -> None:
+        for fd, _ in self.entries.values():
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.entries.clear()
+
+
+class FdKeeper:
+    """The worker's side: sends store/drop in order, one at a time, to the monitor."""
+
+    def __init__(self, monitor_ctl: Path, log: Any) -> None:
+        self.path = monitor_ctl
+        self.log = log
+        self._queue: asyncio.Queue[tuple[Message, int | None, asyncio.Future[bool]]] = (
+            asyncio.Queue()
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def store(self, key: str, sock_fd: int | None, meta: dict[str, Any]) -> asyncio.Future[bool]:
+        """Queue a duplicate of `sock_fd` (None: update the record only).
+
+        The future says whether the monitor has it: await it before telling a client
+        that something happened which a restart must not undo.
+        """
+        dup = os.dup(sock_fd) if sock_fd is not None else None
+        return self._put({"op": "fd_store", "id": key, "meta": meta}, dup)
+
+    def drop(self, key: str) -> asyncio.Future[bool]:
+        return self._put({"op": "fd_drop", "id": key}, None)
+
+    def _put(self, msg: Message, fd: int | None) -> asyncio.Future[bool]:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((msg, fd, done))
+        return done
+
+    async def _run(self) -> None:
+        while True:
+            msg, fd, done = await self._queue.get()
+            try:
+                control.check(await control.request(self.path, msg, fds=[fd] if fd else []))
+                done.set_result(True)
+            except ControlError as e:
+                # The monitor is down; when it is back it asks us to resync everything.
+                self.log.warning("fd_store_failed", op=msg["op"], error=str(e))
+                done.set_result(False)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    @staticmethod
+    async def settled(done: asyncio.Future[bool], timeout: float = 1.0) -> bool:
+        """Wait (bounded) until the monitor holds what we queued; False if it may not."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            return False
+
+    async def fetch_all(self) -> list[tuple[str, int, dict[str, Any]]]:
+        """Every socket the monitor holds for us, as (id, fd, record); we own the fds."""
+        got: list[tuple[str, int, dict[str, Any]]] = []
+        after = ""
+        while True:
+            reply, fds = await control.request_fds(self.path, {"op": "fd_fetch", "after": after})
+            items = reply.get("items") if reply.get("ok") else None
+            if not isinstance(items, list) or len(items) != len(fds):
+                control.close_fds(fds)
+                raise ControlError(f"fd_fetch: bad reply {reply.get('error', '')}", "bad_reply")
+            got += [(str(i["id"]), fd, dict(i["meta"])) for i, fd in zip(items, fds, strict=True)]
+            if not reply.get("more") or not items:
+                return got
+            after = got[-1][0]
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+def resync(keeper: FdKeeper, sockets: Callable[[], list[tuple[str, int, dict[str, Any]]]]) -> int:
+    """Store every socket again (the monitor restarted and holds nothing)."""
+    items = sockets()
+    for key, fd, meta in items:
+        keeper.store(key, fd, meta)
+    return len(items)
