@@ -66,22 +66,30 @@ def gather(cfg: Config, paths: StatePaths) -> list[dict[str, Any]]:
     """One row per expected daemon, from its own answer and from its supervisor's."""
     router = _query(paths, "router")
     topics = list(router["topics"]) if router else cfg.topics
+    replies = {"router": router}
     rows = []
     for role, topic in expected(topics):
         name = daemon_name(role, topic)
-        reply = router if name == "router" else _query(paths, name)
+        reply = replies[name] = router if name == "router" else _query(paths, name)
         rec = procs.read_pidfile(paths.pidfile(name))
         alive = rec is not None and rec.alive()
         if reply:
             me = reply["daemon"]
             row = {"pid": me["pid"], "state": me["state"], "uptime_s": me["uptime_s"],
-                   "incarnation": me.get("incarnation")}
+                   "incarnation": me.get("incarnation"),
+                   "heartbeats_rejected": me.get("heartbeats_rejected", {})}
         else:
             row = {"pid": rec.pid if alive and rec else None,
                    "state": "unresponsive" if alive else "down", "uptime_s": None,
-                   "incarnation": rec.incarnation if rec else None}
+                   "incarnation": rec.incarnation if rec else None,
+                   "heartbeats_rejected": {}}
         rows.append({"name": name, "role": role, "topic": topic, **row})
+    # What supervisors know about their children: a child they gave up on says so.
+    given_up = {c["name"] for r in replies.values() if r
+                for c in r.get("children", []) if c.get("state") == "gave_up"}
     for row in rows:
+        if row["name"] in given_up and row["state"] != "ready":
+            row["state"] = "gave_up"
         # Each start of a daemon bumps the incarnation in its pid file, so this count
         # survives the restart of the supervisor that did the restarting.
         inc = row.pop("incarnation")

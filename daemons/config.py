@@ -63,7 +63,12 @@ class Clients:
 
 @dataclass(frozen=True)
 class Supervision:
-    restart_delay_ms: int = field(default=50, metadata=_range(0, 60_000))
+    max_restarts: int = field(default=5, metadata=_range(1, 1000))
+    window_s: float = field(default=30.0, metadata=_range(0.1, 86_400))
+    backoff_initial_ms: int = field(default=0, metadata=_range(0, 60_000))
+    backoff_step_ms: int = field(default=50, metadata=_range(0, 60_000))
+    backoff_max_ms: int = field(default=1000, metadata=_range(0, 600_000))
+    start_timeout_ms: int = field(default=5000, metadata=_range(100, 600_000))
 
 
 def _default_topics() -> list[str]:

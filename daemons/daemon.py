@@ -24,10 +24,20 @@ import sdnotify
 from daemons import config, logs, procs
 from daemons.config import Config
 from daemons.errors import TheyChatError
-from daemons.paths import StatePaths, daemon_name
+from daemons.heartbeat import (
+    Beat,
+    HeartbeatListener,
+    HeartbeatSender,
+    load_or_create_key,
+    read_endpoint,
+    write_endpoint,
+)
+from daemons.paths import StatePaths, daemon_name, supervisors_of
+from daemons.supervisor import Child, Supervisor
 
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3  # another incarnation holds the lock: not a failure to restart for
+HEARTBEAT_HOST = "127.0.0.1"  # supervisors and children share a host today
 
 
 @dataclass
@@ -42,6 +52,9 @@ class Daemon:
     started_at: float = field(default_factory=time.time)
     state: str = "starting"
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    key: bytes = b""
+    listener: HeartbeatListener | None = None
+    sender: HeartbeatSender | None = None
 
     @property
     def name(self) -> str:
@@ -56,7 +69,36 @@ class Daemon:
             args += ["--topic", topic]
         return args
 
+    async def listen(self) -> HeartbeatListener:
+        """Receive heartbeats from our children; publish where they should send them."""
+        def rejected(reason: str, addr: Any) -> None:
+            self.log.warning("heartbeat_rejected", reason=reason, peer=str(addr))
+
+        listener = HeartbeatListener(self.key, on_reject=rejected)
+        port = await listener.start(HEARTBEAT_HOST)
+        write_endpoint(self.paths.heartbeat(self.name), HEARTBEAT_HOST, port)
+        self.listener = listener
+        return listener
+
+    def supervisor(self, on_gave_up: Callable[[Child], Awaitable[None]] | None = None
+                   ) -> Supervisor:
+        assert self.listener is not None, "listen() first"
+        return Supervisor(self.paths, self.log, self.cfg.supervision,
+                          self.cfg.heartbeat.timeout_ms, self.listener, on_gave_up=on_gave_up)
+
+    def _start_heartbeats(self) -> None:
+        targets = [self.paths.heartbeat(n) for n in supervisors_of(self.role, self.topic)]
+        template = Beat(self.role, self.topic, self.name, os.getpid(), self.incarnation, 0, 0)
+
+        def endpoints() -> list[tuple[str, int]]:
+            return [ep for path in targets if (ep := read_endpoint(path)) is not None]
+
+        self.sender = HeartbeatSender(template, self.key, self.cfg.heartbeat.interval_ms,
+                                      endpoints)
+        self.sender.start()
+
     def status(self) -> dict[str, Any]:
+        rejected = self.listener.rejections.as_dict() if self.listener else {}
         return {
             "name": self.name,
             "role": self.role,
@@ -65,10 +107,13 @@ class Daemon:
             "state": self.state,
             "incarnation": self.incarnation,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "heartbeats_rejected": rejected,
         }
 
     def ready(self, **fields: Any) -> None:
+        """Initialisation is over: say so, and start proving we are alive."""
         self.state = "ready"
+        self._start_heartbeats()
         self.log.info("daemon_ready", **fields)
         # A no-op unless systemd started us with Type=notify (NOTIFY_SOCKET set).
         sdnotify.SystemdNotifier().notify("READY=1")
@@ -108,6 +153,11 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
     procs.write_pidfile(paths.pidfile(name), incarnation)
     d = Daemon(role, args.topic, cfg, paths, args.config and os.path.abspath(args.config),
                log, incarnation)
+    try:
+        d.key = load_or_create_key(paths.heartbeat_key)
+    except TheyChatError as e:
+        log.error("daemon_failed", error=str(e))
+        return _fail(name, str(e), 1)
     log.info("daemon_started", state_dir=str(paths.root))
     try:
         asyncio.run(_main(d, body))
@@ -129,4 +179,10 @@ async def _main(d: Daemon, body: Callable[[Daemon], Awaitable[None]]) -> None:
     d.stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, d.stop.set)
-    await body(d)
+    try:
+        await body(d)
+    finally:
+        if d.sender:
+            d.sender.stop()
+        if d.listener:
+            d.listener.close()

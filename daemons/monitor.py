@@ -11,13 +11,35 @@ from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
 from daemons.errors import ControlError
 from daemons.fdstore import FdVault
-from daemons.supervisor import ChildSpec, Supervisor
+from daemons.supervisor import Child, ChildSpec
 
 
 async def supervise_one(d: Daemon, spec: ChildSpec) -> None:
-    sup = Supervisor(d.paths, d.log, d.cfg.supervision.restart_delay_ms / 1000)
     vault = FdVault()
     worker_ctl = d.paths.control(spec.name)
+    router_ctl = d.paths.control("router")
+
+    async def gave_up(child: Child) -> None:
+        """Escalate: the topic is unavailable, and its people go back to the lobby."""
+        if spec.role != "server":
+            return
+        with contextlib.suppress(ControlError):
+            await control.request(router_ctl, {"op": "topic_down", "topic": spec.topic})
+        notice = f"{spec.topic} is unavailable (its server keeps failing); you are in the lobby"
+        moved = 0
+        for key, (fd, meta) in list(vault.entries.items()):
+            if fd is None:
+                continue
+            msg = {"op": "adopt", "from": spec.topic, "session": meta, "pending": "",
+                   "notice": notice}
+            with contextlib.suppress(ControlError):
+                control.check(await control.request(router_ctl, msg, fds=[fd]))
+                moved += 1
+            vault.handle({"op": "fd_drop", "id": key}, [])
+        d.log.info("clients_returned_to_lobby", topic=spec.topic, count=moved)
+
+    await d.listen()
+    sup = d.supervisor(on_gave_up=gave_up)
 
     async def on_control(msg: Message, fds: list[int]) -> Message:
         reply = vault.handle(msg, fds)

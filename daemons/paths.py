@@ -18,6 +18,16 @@ def daemon_name(role: str, topic: str | None) -> str:
     return f"{role}@{topic}" if topic else role
 
 
+def supervisors_of(role: str, topic: str | None) -> list[str]:
+    """Who a daemon sends heartbeats to: the supervision tree, upwards."""
+    return {
+        "router": ["router-monitor"],
+        "router-monitor": ["router"],
+        "server-monitor": ["router"],
+        "server": [daemon_name("server-monitor", topic)],
+    }.get(role, [])
+
+
 @dataclass(frozen=True)
 class StatePaths:
     root: Path
@@ -40,6 +50,14 @@ class StatePaths:
 
     def pidfile(self, name: str) -> Path:
         return self.run / f"{name}.pid"
+
+    def heartbeat(self, name: str) -> Path:
+        """Where a supervisor publishes the UDP port it receives heartbeats on."""
+        return self.run / f"{name}.hb"
+
+    @property
+    def heartbeat_key(self) -> Path:
+        return self.root / "heartbeat.key"
 
     def lockfile(self, name: str) -> Path:
         return self.run / f"{name}.lock"

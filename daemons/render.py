@@ -41,7 +41,11 @@ def text_lines(event: Event) -> list[str]:
         reason = f" ({event['reason']})" if event.get("reason") else ""
         return [f"* {event['nick']} {what} {event['topic']}{reason}"]
     if t == "topics":
-        parts = [f"{x['name']} ({x['members']})" for x in event["topics"]]
+        parts = [
+            f"{x['name']} ({x['members']}" + ("" if x.get("available", True) else ", unavailable")
+            + ")"
+            for x in event["topics"]
+        ]
         return ["* topics (members): " + (", ".join(parts) or "none")]
     if t == "who":
         where = event["topic"] or "the lobby"

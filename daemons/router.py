@@ -26,7 +26,7 @@ from daemons.directory import Directory, NickTaken
 from daemons.errors import ControlError, TheyChatError
 from daemons.fdstore import FdKeeper
 from daemons.protocol import Command
-from daemons.supervisor import ChildSpec, Supervisor
+from daemons.supervisor import Child, ChildSpec, Supervisor
 
 LISTENER = "listener"  # fd store key of the client port's listening socket
 
@@ -56,10 +56,11 @@ class Router(CommandHandler):
         self.log = d.log
         self.dir = Directory(d.cfg.topics)
         self.lobby: dict[str, ClientConn] = {}
-        self.sup = Supervisor(d.paths, d.log, d.cfg.supervision.restart_delay_ms / 1000)
+        self.unavailable: set[str] = set()  # topics whose supervisor gave up
         self.keeper = FdKeeper(d.paths.control("router-monitor"), d.log)
         self._tasks: set[asyncio.Task[None]] = set()
         self.listener: socket.socket | None = None
+        self.sup: Supervisor
 
     def server_ctl(self, topic: str) -> Any:
         return self.d.paths.control(f"server@{topic}")
@@ -79,6 +80,8 @@ class Router(CommandHandler):
             self.lobby[conn.session.sid] = conn
         for conn in restored:
             conn.start()
+        await d.listen()
+        self.sup = d.supervisor(on_gave_up=self._gave_up)
         self.keeper.start()
         self.keeper.store(LISTENER, listener.fileno(), {"kind": LISTENER})
         self.sup.add(ChildSpec("router-monitor", "router-monitor", None,
@@ -134,6 +137,18 @@ class Router(CommandHandler):
         self.log.info("fds_restored", count=len(restored),
                       listener=self.listener is not None)
         return restored
+
+    async def _gave_up(self, child: Child) -> None:
+        if child.spec.role == "server-monitor" and child.spec.topic:
+            self._topic_down(child.spec.topic)
+
+    def _topic_down(self, topic: str) -> None:
+        if topic not in self.unavailable:
+            self.unavailable.add(topic)
+            self.log.error("topic_unavailable", unavailable=topic)
+
+    def topic_list(self) -> list[dict[str, object]]:
+        return [{**c, "available": c["name"] not in self.unavailable} for c in self.dir.counts()]
 
     async def reconcile_all(self) -> None:
         """After a restart, learn who is in which topic from the servers themselves."""
@@ -225,7 +240,7 @@ class Router(CommandHandler):
                    "text": f"you are now {conn.session.nick}"})
 
     def cmd_topics(self, conn: ClientConn, cmd: Command) -> Pending:
-        conn.send({"type": "topics", "topics": self.dir.counts()})
+        conn.send({"type": "topics", "topics": self.topic_list()})
         return None
 
     def cmd_join(self, conn: ClientConn, cmd: Command) -> Pending:
@@ -233,6 +248,10 @@ class Router(CommandHandler):
         if topic is None:
             conn.send({"type": "error", "code": "no_such_topic",
                        "text": f"no topic {cmd.arg}; topics: {', '.join(self.dir.topics)}"})
+            return None
+        if topic in self.unavailable:
+            conn.send({"type": "error", "code": "unavailable",
+                       "text": f"topic {topic} is unavailable: its server keeps failing"})
             return None
         return self._move_to(conn, topic)
 
@@ -300,7 +319,7 @@ class Router(CommandHandler):
             return ok(daemon=self.d.status(), children=self.sup.status(),
                       topics=self.dir.topics, lobby=len(self.lobby))
         if op == "topics":
-            return ok(topics=self.dir.counts(), names=self.dir.topics)
+            return ok(topics=self.topic_list(), names=self.dir.topics)
         if op == "adopt":
             return await self._adopt(msg, fds)
         if op == "session_at":
@@ -315,6 +334,12 @@ class Router(CommandHandler):
                 if not isinstance(msg.get(key), str):
                     return fail("bad_request", f"dm.{key}: expected a string")
             return await self.deliver_dm(msg["from"], msg["to"], msg["text"])
+        if op == "topic_down":
+            topic = msg.get("topic")
+            if topic not in self.dir.topics:
+                return fail("bad_request", "topic_down: expected a known topic")
+            self._topic_down(str(topic))
+            return ok()
         if op == "fd_resync":
             return ok(count=fdstore.resync(self.keeper, self._held_sockets))
         if op == "server_hello":
@@ -380,6 +405,8 @@ class Router(CommandHandler):
         self.log.info("handoff", session=session.sid, nick=session.nick, to=None,
                       came_from=msg.get("from"))
         conn.send({"type": "left", "topic": msg.get("from")})
+        if isinstance(msg.get("notice"), str):
+            conn.send({"type": "notice", "text": msg["notice"]})
         conn.start(pending)
         return ok()
 

@@ -156,7 +156,7 @@ def test_a_killed_daemon_is_restarted_by_its_supervisor(make_tree, victim: str) 
     assert {n: t.pid(n) for n in others} == others
     supervisor = {"server@rust": "server-monitor@rust", "server-monitor@rust": "router",
                   "router": "router-monitor", "router-monitor": "router"}[victim]
-    t.wait_event(supervisor, "child_restarted", child=victim)
+    t.wait_event(supervisor, "restarted", child=victim)
     # and the tree still chats
     a, b = Client(t.port, "a10"), Client(t.port, "b10")
     a.join("rust")

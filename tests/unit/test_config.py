@@ -143,7 +143,7 @@ def test_type_errors(data: Any, expected: str) -> None:
         ({"heartbeat": {"interval_ms": 5}}, "heartbeat.interval_ms"),
         ({"clients": {"rate_per_second": 0.01}}, "clients.rate_per_second"),
         ({"clients": {"max_connections": 0}}, "clients.max_connections"),
-        ({"supervision": {"restart_delay_ms": 60_001}}, "supervision.restart_delay_ms"),
+        ({"supervision": {"max_restarts": 0}}, "supervision.max_restarts"),
     ],
 )
 def test_out_of_range_names_key(data: Any, key: str) -> None:
