@@ -71,6 +71,17 @@ class Supervision:
     start_timeout_ms: int = field(default=5000, metadata=_range(100, 600_000))
 
 
+@dataclass(frozen=True)
+class WalSettings:
+    fsync: str = field(default="batch", metadata={"choices": ("always", "batch", "never")})
+    snapshot_every: int = field(default=1000, metadata=_range(10, 10_000_000))
+
+
+@dataclass(frozen=True)
+class Sessions:
+    expiry_s: int = field(default=300, metadata=_range(1, 30 * 86_400))
+
+
 def _default_topics() -> list[str]:
     return ["general", "random"]
 
@@ -85,6 +96,8 @@ class Config:
     log: Log = field(default_factory=Log)
     clients: Clients = field(default_factory=Clients)
     supervision: Supervision = field(default_factory=Supervision)
+    wal: WalSettings = field(default_factory=WalSettings)
+    sessions: Sessions = field(default_factory=Sessions)
 
     def resolved_state_dir(self) -> Path:
         """Where this tree keeps its state: the config, then systemd, then XDG."""

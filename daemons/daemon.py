@@ -52,6 +52,7 @@ class Daemon:
     started_at: float = field(default_factory=time.time)
     state: str = "starting"
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: str | None = None  # why we stop on our own (a crash for our supervisor)
     key: bytes = b""
     listener: HeartbeatListener | None = None
     sender: HeartbeatSender | None = None
@@ -110,6 +111,13 @@ class Daemon:
             "heartbeats_rejected": rejected,
         }
 
+    def fail(self, reason: str) -> None:
+        """Stop now and exit non-zero: our supervisor restarts us and we replay."""
+        if self.failed is None:
+            self.failed = reason
+            self.log.error("daemon_failed", error=reason)
+        self.stop.set()
+
     def ready(self, **fields: Any) -> None:
         """Initialisation is over: say so, and start proving we are alive."""
         self.state = "ready"
@@ -161,6 +169,8 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
     log.info("daemon_started", state_dir=str(paths.root))
     try:
         asyncio.run(_main(d, body))
+        if d.failed:
+            return _fail(name, d.failed, 1)
     except TheyChatError as e:
         log.error("daemon_failed", error=str(e))
         return _fail(name, str(e), 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from daemons.protocol import fold
 
@@ -19,6 +20,12 @@ class SessionInfo:
     sid: str
     nick: str
     topic: str | None = None  # None: in the lobby
+    detached_at: float | None = None  # wall time its connection went; None: connected
+
+    def record(self) -> dict[str, Any]:
+        """The write-ahead log record that recreates this session."""
+        return {"type": "session", "sid": self.sid, "nick": self.nick, "topic": self.topic,
+                "detached_at": self.detached_at}
 
 
 class Directory:
@@ -76,6 +83,40 @@ class Directory:
     def find_nick(self, nick: str) -> SessionInfo | None:
         sid = self._by_nick.get(fold(nick))
         return self.sessions.get(sid) if sid else None
+
+    def detach(self, sid: str, now: float) -> SessionInfo | None:
+        """The connection is gone; the session (and its nick) waits to be resumed."""
+        info = self.sessions.get(sid)
+        if info is not None and info.detached_at is None:
+            info.detached_at = now
+        return info
+
+    def expired(self, now: float, expiry_s: float) -> list[SessionInfo]:
+        return [s for s in self.sessions.values()
+                if s.detached_at is not None and now - s.detached_at >= expiry_s]
+
+    def apply(self, rec: dict[str, Any]) -> None:
+        """Replay one log record; malformed ones are skipped."""
+        if rec.get("type") == "session":
+            sid, nick, topic = rec.get("sid"), rec.get("nick"), rec.get("topic")
+            if not isinstance(sid, str) or not isinstance(nick, str):
+                return
+            try:
+                info = self.register(sid, nick, topic if isinstance(topic, str) else None)
+            except NickTaken:
+                return
+            at = rec.get("detached_at")
+            info.detached_at = float(at) if isinstance(at, int | float) else None
+        elif rec.get("type") == "end":
+            self.close_session(str(rec.get("sid")))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"sessions": [s.record() for s in self.sessions.values()]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for rec in state.get("sessions", []):
+            if isinstance(rec, dict):
+                self.apply(rec)
 
     def in_topic(self, topic: str | None) -> list[SessionInfo]:
         return [s for s in self.sessions.values() if s.topic == topic]

@@ -41,6 +41,13 @@ class StatePaths:
         return self.root / "logs"
 
     @property
+    def wals(self) -> Path:
+        return self.root / "wal"
+
+    def wal(self, name: str) -> Path:
+        return self.wals / f"{name}.wal"
+
+    @property
     def stopping(self) -> Path:
         """Present while `theychat down` runs: supervisors must not restart anything."""
         return self.run / "stopping"
@@ -70,7 +77,7 @@ class StatePaths:
 
     def ensure(self) -> None:
         """Create the tree with private modes, or say clearly why it cannot be used."""
-        for d in (self.root, self.run, self.logs):
+        for d in (self.root, self.run, self.logs, self.wals):
             try:
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
                 st = d.stat()

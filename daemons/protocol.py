@@ -107,6 +107,8 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("who", "/who", "list the people here"),
         CommandSpec("msg", "/msg NICK TEXT", "send a direct message, wherever NICK is"),
         CommandSpec("history", "/history [N]", "show the last N messages of this topic"),
+        CommandSpec("resume", "/resume SESSION [LAST_SEQ]",
+                    "take back a session after a lost connection (from the lobby)"),
         CommandSpec("json", "/json [on|off]", "one JSON object per line, for programs"),
         CommandSpec("help", "/help [COMMAND]", "list the commands, or explain one"),
         CommandSpec("quit", "/quit", "disconnect"),
@@ -165,6 +167,14 @@ def parse(line: str) -> Say | Command | None:
         if not valid_name(nick):
             raise BadArguments(f"no such nick {sanitize(nick)[:40]!r}", code="no_such_nick")
         return Command(name, arg=nick, text=text)
+    if name == "resume":
+        sid, _, seq = rest.partition(" ")
+        seq = seq.strip()
+        if not re.fullmatch(r"[0-9a-f]{1,64}", sid) or (
+            seq and not (seq.isascii() and seq.isdigit())
+        ):
+            raise BadArguments(f"usage: {usage} (SESSION from your greeting)")
+        return Command(name, arg=sid, number=int(seq) if seq else None)
     if name == "history":
         if not rest:
             return Command(name, number=None)

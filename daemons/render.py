@@ -61,6 +61,9 @@ def text_lines(event: Event) -> list[str]:
         ]
     if t == "left":
         return [f"* you left {event['topic']}; you are in the lobby"]
+    if t == "resumed":
+        where = f"; back to {event['topic']}" if event.get("topic") else ""
+        return [f"* welcome back, {event['nick']} (session {event['session']}){where}"]
     if t == "hello":
         return [
             f"* welcome to TheyChat, {event['nick']} (session {event['session']}). "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from daemons.protocol import fold
 from daemons.render import Event
@@ -66,3 +67,41 @@ class Room:
         if n <= 0:
             return []
         return list(self.history)[-n:]
+
+    def after(self, seq: int) -> list[Event]:
+        """Messages numbered after `seq` that history still holds (for a resume)."""
+        return [m for m in self.history if m["seq"] > seq]
+
+    # -- the write-ahead log's view: records that rebuild this state ----------------------
+
+    def record_of(self, msg: Event) -> dict[str, Any]:
+        return {"type": "msg", **{k: msg[k] for k in ("seq", "from", "text", "ts")}}
+
+    def apply(self, rec: dict[str, Any]) -> None:
+        """Replay one log record; unknown or malformed records are skipped, not fatal."""
+        kind = rec.get("type")
+        if kind == "join" and isinstance(rec.get("sid"), str) and isinstance(rec.get("nick"), str):
+            self.add(rec["sid"], rec["nick"])
+        elif kind == "leave":
+            self.remove(str(rec.get("sid")))
+        elif kind == "nick" and rec.get("sid") in self.members:
+            self.rename(rec["sid"], str(rec.get("nick")))
+        elif kind == "msg" and isinstance(rec.get("seq"), int):
+            msg = {"type": "message", "topic": self.topic, "from": rec.get("from"),
+                   "text": rec.get("text"), "seq": rec["seq"], "ts": rec.get("ts")}
+            if self._history_size > 0:
+                self.history.append(msg)
+            self.next_seq = max(self.next_seq, rec["seq"] + 1)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"members": [{"sid": m.sid, "nick": m.nick} for m in self.members.values()],
+                "history": [self.record_of(m) for m in self.history],
+                "next_seq": self.next_seq}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for m in state.get("members", []):
+            self.apply({"type": "join", **m})
+        for rec in state.get("history", []):
+            self.apply(rec)
+        if isinstance(state.get("next_seq"), int):
+            self.next_seq = max(self.next_seq, state["next_seq"])

@@ -22,9 +22,10 @@ from daemons.clientconn import ClientConn, Session, attach, set_keepalive
 from daemons.commands import CommandHandler, Pending, handoff_error
 from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
-from daemons.directory import Directory, NickTaken
+from daemons.directory import Directory, NickTaken, SessionInfo
 from daemons.errors import ControlError, TheyChatError
 from daemons.fdstore import FdKeeper
+from daemons.journal import Journal
 from daemons.protocol import Command
 from daemons.supervisor import Child, ChildSpec, Supervisor
 
@@ -61,6 +62,7 @@ class Router(CommandHandler):
         self._tasks: set[asyncio.Task[None]] = set()
         self.listener: socket.socket | None = None
         self.sup: Supervisor
+        self.journal: Journal
 
     def server_ctl(self, topic: str) -> Any:
         return self.d.paths.control(f"server@{topic}")
@@ -69,6 +71,12 @@ class Router(CommandHandler):
 
     async def run(self) -> None:
         d = self.d
+        self.journal = Journal(d.paths.wal(d.name), self.cfg.wal, self.log,
+                               self.dir.snapshot, d.fail)
+        if self.journal.replay.snapshot is not None:
+            self.dir.restore(self.journal.replay.snapshot)
+        for rec in self.journal.replay.records:
+            self.dir.apply(rec)
         restored = await self.take_back_sockets()
         if self.listener is None:
             self.listener = bind_listener(self.cfg.listen.host, self.cfg.listen.port)
@@ -78,8 +86,12 @@ class Router(CommandHandler):
         await self.reconcile_all()
         for conn in restored:
             self.lobby[conn.session.sid] = conn
+        for info in self.dir.in_topic(None):  # lobby sessions whose socket is gone
+            if info.sid not in self.lobby and info.detached_at is None:
+                self._save(self.dir.detach(info.sid, time.time()))
         for conn in restored:
             conn.start()
+        self._background(self._expire_sessions())
         await d.listen()
         self.sup = d.supervisor(on_gave_up=self._gave_up)
         self.keeper.start()
@@ -101,6 +113,29 @@ class Router(CommandHandler):
         await ctl.close()
         await self.sup.close()
         await self.keeper.close()
+        await self.journal.close()
+
+    def _save(self, info: SessionInfo | None) -> None:
+        if info is not None:
+            self.journal.append(info.record())
+
+    def _end(self, sid: str) -> None:
+        if self.dir.close_session(sid) is not None:
+            self.journal.append({"type": "end", "sid": sid})
+
+    def _left(self, sid: str, reason: str) -> None:
+        """A connection ended: /quit ends the session, anything else keeps it resumable."""
+        if reason == "quit":
+            self._end(sid)
+        else:
+            self._save(self.dir.detach(sid, time.time()))
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            for info in self.dir.expired(time.time(), self.cfg.sessions.expiry_s):
+                self._end(info.sid)
+                self.log.info("session_expired", session=info.sid, nick=info.nick)
+            await asyncio.sleep(1.0)
 
     async def take_back_sockets(self) -> list[ClientConn]:
         """After a restart: the listening socket and the lobby's clients, from our monitor.
@@ -130,7 +165,7 @@ class Router(CommandHandler):
                 os.close(fd)
                 continue
             try:
-                self.dir.register(session.sid, session.nick, None)
+                self._save(self.dir.register(session.sid, session.nick, None))
             except NickTaken:
                 session.nick = self.dir.open_session(session.sid).nick
             restored.append(await attach(self, session, fd, self.cfg.clients, self.log))
@@ -163,13 +198,16 @@ class Router(CommandHandler):
         present = set()
         for m in members:
             try:
-                self.dir.register(str(m["sid"]), str(m["nick"]), topic)
+                known = self.dir.sessions.get(str(m["sid"]))
+                if known is None or known.topic != topic or known.detached_at is not None:
+                    self._save(self.dir.register(str(m["sid"]), str(m["nick"]), topic))
                 present.add(m["sid"])
             except (NickTaken, KeyError, TypeError):
                 continue
+        now = time.time()
         for info in self.dir.in_topic(topic):
-            if info.sid not in present:
-                self.dir.close_session(info.sid)
+            if info.sid not in present and info.detached_at is None:
+                self._save(self.dir.detach(info.sid, now))
 
     # -- the lobby -------------------------------------------------------------------
 
@@ -188,6 +226,7 @@ class Router(CommandHandler):
         with contextlib.suppress(OSError):
             set_keepalive(conn.transport.get_extra_info("socket"), self.cfg.clients)
         info = self.dir.open_session(conn.session.sid)
+        self._save(info)
         conn.session.nick = info.nick
         self.lobby[conn.session.sid] = conn
         kept = self.keeper.store(conn.session.sid, conn.fileno(), conn.session.record())
@@ -212,7 +251,7 @@ class Router(CommandHandler):
         if self.lobby.pop(sid, None) is None:
             return
         self.keeper.drop(sid)
-        self.dir.close_session(sid)
+        self._left(sid, reason)
         self.log.info("client_left", session=sid, nick=conn.session.nick, reason=reason)
 
     def say(self, conn: ClientConn, text: str) -> Pending:
@@ -229,6 +268,7 @@ class Router(CommandHandler):
                        "text": f"the nick {cmd.arg} is taken"})
             return None
         conn.session.nick = cmd.arg
+        self._save(self.dir.sessions[conn.session.sid])
         self.log.info("nick_changed", session=conn.session.sid, old=old, nick=cmd.arg)
         return self._nick_kept(conn)
 
@@ -255,10 +295,12 @@ class Router(CommandHandler):
             return None
         return self._move_to(conn, topic)
 
-    async def _move_to(self, conn: ClientConn, topic: str) -> None:
+    async def _move_to(self, conn: ClientConn, topic: str, resume_after: int | None = None
+                       ) -> None:
         sid = conn.session.sid
+        op = {"op": "adopt", "from": None, "resume_after": resume_after}
         try:
-            await conn.hand_over(self.server_ctl(topic), {"op": "adopt", "from": None})
+            await conn.hand_over(self.server_ctl(topic), op)
         except ControlError as e:
             self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
             conn.send(handoff_error(e, f"topic {topic} is unavailable right now; try again"))
@@ -266,11 +308,42 @@ class Router(CommandHandler):
         self.lobby.pop(sid, None)
         self.keeper.drop(sid)
         self.dir.move(sid, topic)
+        self._save(self.dir.sessions.get(sid))
         self.log.info("handoff", session=sid, nick=conn.session.nick, to=topic)
 
     def cmd_leave(self, conn: ClientConn, cmd: Command) -> Pending:
         conn.send({"type": "error", "code": "not_in_topic", "text": "you are in the lobby"})
         return None
+
+    def cmd_resume(self, conn: ClientConn, cmd: Command) -> Pending:
+        info = self.dir.sessions.get(cmd.arg)
+        if info is None or info.sid == conn.session.sid:
+            conn.send({"type": "error", "code": "no_such_session",
+                       "text": f"no session {cmd.arg} to resume (sessions expire after "
+                               f"{self.cfg.sessions.expiry_s}s)"})
+            return None
+        if info.detached_at is None:
+            conn.send({"type": "error", "code": "session_connected",
+                       "text": f"session {cmd.arg} is still connected"})
+            return None
+        return self._resume(conn, info, cmd.number)
+
+    async def _resume(self, conn: ClientConn, info: SessionInfo, last_seq: int | None) -> None:
+        old = conn.session.sid
+        self.lobby.pop(old, None)
+        self.keeper.drop(old)
+        self._end(old)
+        conn.session.sid, conn.session.nick = info.sid, info.nick
+        info.detached_at = None
+        self.lobby[info.sid] = conn
+        self._save(info)
+        await self.keeper.settled(self.keeper.store(info.sid, conn.fileno(),
+                                                    conn.session.record()))
+        self.log.info("session_resumed", session=info.sid, nick=info.nick, topic=info.topic)
+        conn.send({"type": "resumed", "session": info.sid, "nick": info.nick,
+                   "topic": info.topic})
+        if info.topic is not None and info.topic not in self.unavailable:
+            await self._move_to(conn, info.topic, resume_after=last_seq)
 
     def cmd_history(self, conn: ClientConn, cmd: Command) -> Pending:
         conn.send({"type": "error", "code": "not_in_topic",
@@ -325,8 +398,10 @@ class Router(CommandHandler):
         if op == "session_at":
             return self._session_at(msg)
         if op == "session_end":
-            info = self.dir.close_session(str(msg.get("sid")))
-            return ok(known=info is not None)
+            sid = str(msg.get("sid"))
+            known = sid in self.dir.sessions
+            self._left(sid, str(msg.get("reason", "connection lost")))
+            return ok(known=known)
         if op == "nick":
             return self._rename(msg)
         if op == "dm":
@@ -366,7 +441,7 @@ class Router(CommandHandler):
         if not isinstance(sid, str) or not isinstance(nick, str) or topic not in self.dir.topics:
             return fail("bad_request", "session_at: expected sid, nick and a known topic")
         try:
-            self.dir.register(sid, nick, topic)
+            self._save(self.dir.register(sid, nick, topic))
         except NickTaken:
             return fail("nick_taken", f"the nick {nick} is taken")
         return ok()
@@ -381,6 +456,7 @@ class Router(CommandHandler):
             old = self.dir.rename(sid, nick)
         except NickTaken:
             return fail("nick_taken", f"the nick {nick} is taken")
+        self._save(self.dir.sessions[sid])
         self.log.info("nick_changed", session=sid, old=old, nick=nick)
         return ok(old=old)
 
@@ -399,6 +475,7 @@ class Router(CommandHandler):
             # Only after a router restart lost track of this session: keep the person.
             info = self.dir.open_session(session.sid)
             session.nick = info.nick
+        self._save(info)
         conn = await attach(self, session, fds.pop(), self.cfg.clients, self.log)
         self.lobby[session.sid] = conn
         await self.keeper.settled(self.keeper.store(session.sid, conn.fileno(), session.record()))

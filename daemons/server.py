@@ -20,6 +20,7 @@ from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
 from daemons.errors import ControlError, TheyChatError
 from daemons.fdstore import FdKeeper
+from daemons.journal import Journal
 from daemons.protocol import Command, fold
 from daemons.render import Event, encode_json, encode_text
 from daemons.room import Room
@@ -38,6 +39,8 @@ class Server(CommandHandler):
         self.conns: dict[str, ClientConn] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.keeper = FdKeeper(d.paths.control(f"server-monitor@{d.topic}"), d.log)
+        self.journal: Journal
+        self.closing = False  # shutting down: connections end, but nobody left
 
     @property
     def router_ctl(self) -> Path:
@@ -59,21 +62,36 @@ class Server(CommandHandler):
 
     async def run(self) -> None:
         d = self.d
+        self.journal = Journal(d.paths.wal(d.name), self.cfg.wal, self.log,
+                               self.room.snapshot, d.fail)
+        replay = self.journal.replay
+        if replay.snapshot is not None:
+            self.room.restore(replay.snapshot)
+        for rec in replay.records:
+            self.room.apply(rec)
+        in_log = set(self.room.members)
         ctl = control.ControlServer(d.paths.control(d.name), self.on_control, self.log)
         await self.restore_sockets()
+        self.reconcile(in_log)
+        # Only now: a line sent during the outage must reach every member, so none may
+        # be handled before all are back.
+        for conn in list(self.conns.values()):
+            conn.start()
         self.keeper.start()
         await ctl.start()
         self._background(self._tell_router(
             {"op": "server_hello", "topic": self.topic, "members": self.members()}
         ))
-        d.ready(members=len(self.conns))
+        d.ready(members=len(self.conns), next_seq=self.room.next_seq)
         await d.stop.wait()
         self.log.info("daemon_stopping")
+        self.closing = True
         await ctl.close()
         await self.keeper.close()
         for conn in list(self.conns.values()):
             conn.send({"type": "notice", "text": f"the server of {self.topic} is shutting down"})
             conn.close("server shutdown")
+        await self.journal.close()
 
     async def restore_sockets(self) -> None:
         """Take back the client sockets our monitor kept while we were dead."""
@@ -89,13 +107,29 @@ class Server(CommandHandler):
                 os.close(fd)
                 continue
             conn = await attach(self, session, fd, self.cfg.clients, self.log)
-            self.room.add(session.sid, session.nick)
             self.conns[session.sid] = conn
-        # Only now: a line sent during the outage must reach every member, so none may
-        # be handled before all are back.
-        for conn in list(self.conns.values()):
-            conn.start()
+            if session.sid not in self.room.members:  # joined just before the crash
+                self.room.add(session.sid, session.nick)
+                self._logged({"type": "join", "sid": session.sid, "nick": session.nick})
         self.log.info("fds_restored", count=len(items))
+
+    def reconcile(self, in_log: set[str]) -> None:
+        """Members the log knows but whose socket is gone (our monitor died with us)
+        leave, visibly; they can still /resume their session from the lobby."""
+        for sid in sorted(in_log - set(self.conns)):
+            member = self.room.remove(sid)
+            if member is None:
+                continue
+            self.announce({"type": "leave", "sid": sid}, member.nick, "left",
+                          "connection lost in a restart")
+            self.log.info("client_left", session=sid, nick=member.nick,
+                          reason="connection lost in a restart")
+            self._background(self._tell_router(
+                {"op": "session_end", "sid": sid, "reason": "connection lost in a restart"}
+            ))
+
+    def _logged(self, rec: dict[str, Any]) -> asyncio.Future[None]:
+        return self.journal.append(rec)
 
     def session_changed(self, conn: ClientConn) -> asyncio.Future[bool] | None:
         return self.keeper.store(conn.session.sid, None, conn.session.record())
@@ -117,12 +151,19 @@ class Server(CommandHandler):
                 data = encoded[mode] = encode_json(event) if mode else encode_text(event)
             conn.write(data)
 
-    def presence(self, nick: str, what: str, reason: str | None = None,
-                 skip: str | None = None) -> None:
-        event: Event = {"type": "presence", "topic": self.topic, "nick": nick, "event": what}
+    def announce(self, rec: dict[str, Any], nick: str, what: str, reason: str | None = None,
+                 skip: str | None = None, **extra: Any) -> None:
+        """Log a membership change; tell the others once it is durable. Durability comes
+        in log order, so nobody's departure overtakes what they said just before it."""
+        event: Event = {"type": "presence", "topic": self.topic, "nick": nick, "event": what,
+                        **extra}
         if reason:
             event["reason"] = reason
-        self.broadcast(event, skip=skip)
+        self._logged(rec).add_done_callback(lambda f: self._fan_out(f, event, skip))
+
+    def _fan_out(self, durable: asyncio.Future[None], event: Event, skip: str | None) -> None:
+        if not durable.cancelled() and durable.exception() is None:
+            self.broadcast(event, skip=skip)
 
     # -- members arriving and leaving ------------------------------------------------------
 
@@ -134,6 +175,7 @@ class Server(CommandHandler):
             pending = bytes.fromhex(str(msg.get("pending", "")))
         except ValueError:
             return fail("bad_request", "adopt.pending: expected hex")
+        resume_after = msg.get("resume_after")
         conn = await attach(self, session, fds.pop(), self.cfg.clients, self.log)
         self.room.add(session.sid, session.nick)
         self.conns[session.sid] = conn
@@ -142,7 +184,12 @@ class Server(CommandHandler):
         self.log.info("client_joined", session=session.sid, nick=session.nick,
                       came_from=msg.get("from"), pending_bytes=len(pending))
         conn.send({"type": "joined", "topic": self.topic, "members": self.room.nicks()})
-        self.presence(session.nick, "joined", skip=session.sid)
+        if isinstance(resume_after, int) and not isinstance(resume_after, bool):
+            # Missed while away: everything after the client's last seq, then live.
+            for missed in self.room.after(resume_after):
+                conn.send(missed)
+        self.announce({"type": "join", "sid": session.sid, "nick": session.nick},
+                      session.nick, "joined", skip=session.sid)
         conn.start(pending)
         self._background(self._tell_router(
             {"op": "session_at", "sid": session.sid, "nick": session.nick, "topic": self.topic}
@@ -153,25 +200,38 @@ class Server(CommandHandler):
         sid = conn.session.sid
         if self.conns.pop(sid, None) is None:
             return
-        self.room.remove(sid)
         self.keeper.drop(sid)
-        self.presence(conn.session.nick, "left", reason)
+        if self.closing:
+            return  # a shutdown is not a departure: members come back after the restart
+        self.room.remove(sid)
+        self.announce({"type": "leave", "sid": sid}, conn.session.nick, "left", reason)
         self.log.info("client_left", session=sid, nick=conn.session.nick, reason=reason)
 
     def lost(self, conn: ClientConn, reason: str) -> None:
         self._remove(conn, reason)
-        self._background(self._tell_router({"op": "session_end", "sid": conn.session.sid}))
+        self._background(self._tell_router(
+            {"op": "session_end", "sid": conn.session.sid, "reason": reason}
+        ))
 
     # -- what members say and ask ------------------------------------------------------------
 
     def say(self, conn: ClientConn, text: str) -> Pending:
         if not text:
             return None
-        msg = self.room.post(conn.session.sid, text, time.time())
-        self.broadcast(msg, skip=conn.session.sid)
+        sid = conn.session.sid
+        msg = self.room.post(sid, text, time.time())
+        # Fan out, and acknowledge, only what the log holds (group commit).
+        durable = self._logged(self.room.record_of(msg))
+        durable.add_done_callback(lambda f: self._fan_out(f, msg, sid))
         if conn.session.json:
-            conn.send({"type": "sent", "topic": self.topic, "seq": msg["seq"]})
+            ack = {"type": "sent", "topic": self.topic, "seq": msg["seq"]}
+            durable.add_done_callback(lambda f: self._ack(f, sid, ack))
         return None
+
+    def _ack(self, durable: asyncio.Future[None], sid: str, ack: Event) -> None:
+        conn = self.conns.get(sid)
+        if conn is not None and not durable.cancelled() and durable.exception() is None:
+            conn.send(ack)
 
     def cmd_who(self, conn: ClientConn, cmd: Command) -> Pending:
         conn.send({"type": "who", "topic": self.topic, "members": self.room.nicks()})
@@ -204,12 +264,12 @@ class Server(CommandHandler):
             return  # left while we asked
         old = self.room.rename(conn.session.sid, nick)
         conn.session.nick = nick
+        self.announce({"type": "nick", "sid": conn.session.sid, "nick": nick}, nick, "renamed",
+                      skip=conn.session.sid, old=old)
         kept = self.session_changed(conn)
         if kept is not None:
             await self.keeper.settled(kept)
         conn.send({"type": "ok", "cmd": "nick", "nick": nick, "text": f"you are now {nick}"})
-        self.broadcast({"type": "presence", "topic": self.topic, "nick": nick, "old": old,
-                        "event": "renamed"}, skip=conn.session.sid)
 
     def cmd_msg(self, conn: ClientConn, cmd: Command) -> Pending:
         member = self.room.find(cmd.arg)
@@ -243,13 +303,19 @@ class Server(CommandHandler):
             return None
         return self._move(conn, self.d.paths.control(f"server@{topic}"), topic)
 
+    def cmd_resume(self, conn: ClientConn, cmd: Command) -> Pending:
+        conn.send({"type": "error", "code": "not_in_lobby",
+                   "text": "/resume is for a new connection, from the lobby"})
+        return None
+
     def cmd_leave(self, conn: ClientConn, cmd: Command) -> Pending:
         return self._move(conn, self.router_ctl, None)
 
     async def _move(self, conn: ClientConn, target: Path, topic: str | None) -> None:
         """Pass the member on to another topic's server, or back to the lobby."""
         sid, nick = conn.session.sid, conn.session.nick
-        # Leave first: messages fanned out during the move would be lost with our copy.
+        # Out of the fan-out first: what we wrote during the move would be lost with our
+        # copy of the socket. The log hears of it only once the move happened.
         self.conns.pop(sid, None)
         self.room.remove(sid)
         try:
@@ -263,7 +329,7 @@ class Server(CommandHandler):
             return
         self.keeper.drop(sid)
         reason = f"went to {topic}" if topic else "went to the lobby"
-        self.presence(nick, "left", reason)
+        self.announce({"type": "leave", "sid": sid}, nick, "left", reason)
         self.log.info("handoff", session=sid, nick=nick, to=topic)
 
     # -- control requests ------------------------------------------------------------------

@@ -141,7 +141,8 @@ def make_tree() -> Iterator[Any]:
         left = processes_of(tree.state)
         for line in left:  # never leave strays behind, even when the test failed
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
-        shutil.rmtree(tree.state.parent, ignore_errors=True)
+        if not os.environ.get("THEYCHAT_KEEP"):  # keep logs to debug a failure
+            shutil.rmtree(tree.state.parent, ignore_errors=True)
         assert not left, f"processes left after down: {left}"
 
 
@@ -157,7 +158,8 @@ def tree() -> Iterator[Tree]:
     left = processes_of(state)
     for line in left:
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
-    shutil.rmtree(state.parent, ignore_errors=True)
+    if not os.environ.get("THEYCHAT_KEEP"):
+        shutil.rmtree(state.parent, ignore_errors=True)
     assert not left, f"processes left after down: {left}"
 
 

@@ -310,6 +310,9 @@ class TestParse:
             ("/help join", Command("help", arg="join")),
             ("/help /JOIN", Command("help", arg="join")),
             ("/quit", Command("quit")),
+            ("/resume 0a1b2c", Command("resume", arg="0a1b2c", number=None)),
+            ("/resume 0a1b2c 42", Command("resume", arg="0a1b2c", number=42)),
+            ("/resume 0a1b2c 0", Command("resume", arg="0a1b2c", number=0)),
         ],
     )
     def test_valid_commands(self, line: str, expected: Command) -> None:
@@ -320,7 +323,7 @@ class TestParse:
             "nick": "/nick alice", "topics": "/topics", "join": "/join rust",
             "leave": "/leave", "who": "/who", "msg": "/msg bob hi",
             "history": "/history 3", "json": "/json off", "help": "/help msg",
-            "quit": "/quit",
+            "quit": "/quit", "resume": "/resume 3f9a 7",
         }
         assert set(samples) == set(COMMANDS), "a command was added: give it a sample"
         for name, line in samples.items():
@@ -511,3 +514,11 @@ class TestHelp:
         cmd = parse("/help MSG")
         assert isinstance(cmd, Command)
         assert help_lines(cmd.arg) == [f"{COMMANDS['msg'].usage}  {COMMANDS['msg'].summary}"]
+
+
+@pytest.mark.parametrize("line", ["/resume", "/resume XYZ", "/resume 0a1b -1", "/resume 0a1b x",
+                                  "/resume 0a1b 1 2", "/resume " + "a" * 65, "/resume 0a1b ²"])
+def test_resume_rejects_bad_arguments(line: str) -> None:
+    with pytest.raises(BadArguments) as err:
+        parse(line)
+    assert err.value.code == "bad_args"

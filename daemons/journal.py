@@ -1,0 +1,50 @@
+"""A daemon's write-ahead log with the rules every stateful daemon follows: replay into
+its state at start, snapshot-and-compact every `wal.snapshot_every` records, and stop
+the daemon when a write or fsync fails (acknowledging anything more would be a lie).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from daemons.config import WalSettings
+from daemons.wal import Record, Wal, WalFailed
+
+
+class Journal:
+    def __init__(self, path: Path, settings: WalSettings, log: Any,
+                 snapshot: Callable[[], Record], on_fail: Callable[[str], None]) -> None:
+        self.wal, self.replay = Wal.open(path, settings.fsync, log)
+        self._every = settings.snapshot_every
+        self._snapshot = snapshot
+        self._on_fail = on_fail
+        self._compacting: asyncio.Future[None] | None = None
+
+    def append(self, rec: Record) -> asyncio.Future[None]:
+        """Append a record; the future completes once it is durable (`wal.fsync`).
+
+        The caller has already applied `rec` to its state, so a snapshot taken now
+        covers every record appended so far.
+        """
+        fut = self.wal.append_nowait(rec)
+        fut.add_done_callback(self._check)
+        if self._compacting is None and self.wal.records_since_snapshot >= self._every:
+            self._compacting = self.wal.compact(self._snapshot())
+            self._compacting.add_done_callback(self._compacted)
+        return fut
+
+    def _check(self, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self._on_fail(f"write-ahead log failed: {fut.exception()}")
+
+    def _compacted(self, fut: asyncio.Future[None]) -> None:
+        self._compacting = None
+        self._check(fut)
+
+    async def close(self) -> None:
+        with contextlib.suppress(WalFailed):
+            await self.wal.close()
