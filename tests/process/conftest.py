@@ -76,12 +76,15 @@ class Tree:
             time.sleep(0.1)
         raise AssertionError(f"tree not healthy in {timeout}s: {rows}")
 
-    def wait_event(self, name: str, event: str, timeout: float = WAIT_S,
+    def wait_event(self, name: str, event: str, timeout: float = WAIT_S, after: str = "",
                    **fields: Any) -> dict[str, Any]:
+        """The first `event` in NAME's log with these fields (and a ts later than `after`)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for ev in self.log_events(name):
-                if ev["event"] == event and all(ev.get(k) == v for k, v in fields.items()):
+                if ev["event"] == event and ev["ts"] > after and all(
+                    ev.get(k) == v for k, v in fields.items()
+                ):
                     return ev
             time.sleep(0.05)
         raise AssertionError(f"no {event} {fields} in {name}'s log within {timeout}s")
