@@ -260,7 +260,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         cfg = config.load(args.config)
         host = host or cfg.listen.host
         port = port or cfg.listen.port
-    return chat.run(host, port)
+    return chat.run(host, port, args.reconnect_for)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -275,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="a line client, like nc")
     chat.add_argument("host", nargs="?")
     chat.add_argument("port", nargs="?", type=int)
+    chat.add_argument("--reconnect-for", type=float, default=300.0, metavar="SECONDS",
+                      help="after a lost connection, keep trying this long, then resume")
     for s in (up, down, status, chat):
         s.add_argument("--config", metavar="FILE", help="YAML config (default: built in)")
     return p

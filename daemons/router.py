@@ -322,13 +322,33 @@ class Router(CommandHandler):
                        "text": f"no session {cmd.arg} to resume (sessions expire after "
                                f"{self.cfg.sessions.expiry_s}s)"})
             return None
-        if info.detached_at is None:
-            conn.send({"type": "error", "code": "session_connected",
-                       "text": f"session {cmd.arg} is still connected"})
-            return None
         return self._resume(conn, info, cmd.number)
 
+    async def _take_over(self, info: SessionInfo) -> bool:
+        """The newest connection holding a session's (secret) id wins: the old one may be
+        a dead TCP connection nobody noticed yet. False if its holder cannot be asked."""
+        if info.detached_at is not None:
+            return True
+        if info.topic is None:
+            old = self.lobby.pop(info.sid, None)
+            if old is not None:
+                self.keeper.drop(info.sid)
+                old.send({"type": "notice", "text": "this session was resumed elsewhere"})
+                old.close("resumed elsewhere")
+            return True
+        try:
+            control.check(await control.request(
+                self.server_ctl(info.topic), {"op": "drop", "sid": info.sid}))
+        except ControlError:
+            return False
+        return True
+
     async def _resume(self, conn: ClientConn, info: SessionInfo, last_seq: int | None) -> None:
+        if not await self._take_over(info):
+            conn.send({"type": "error", "code": "session_busy",
+                       "text": f"session {info.sid} is held by {info.topic}, which is "
+                               "restarting; try again in a moment"})
+            return
         old = conn.session.sid
         self.lobby.pop(old, None)
         self.keeper.drop(old)

@@ -196,22 +196,24 @@ class Server(CommandHandler):
         ))
         return ok()
 
-    def _remove(self, conn: ClientConn, reason: str) -> None:
+    def _remove(self, conn: ClientConn, reason: str) -> bool:
         sid = conn.session.sid
-        if self.conns.pop(sid, None) is None:
-            return
+        if self.conns.get(sid) is not conn:
+            return False
+        del self.conns[sid]
         self.keeper.drop(sid)
         if self.closing:
-            return  # a shutdown is not a departure: members come back after the restart
+            return False  # a shutdown is not a departure: members come back after restart
         self.room.remove(sid)
         self.announce({"type": "leave", "sid": sid}, conn.session.nick, "left", reason)
         self.log.info("client_left", session=sid, nick=conn.session.nick, reason=reason)
+        return True
 
     def lost(self, conn: ClientConn, reason: str) -> None:
-        self._remove(conn, reason)
-        self._background(self._tell_router(
-            {"op": "session_end", "sid": conn.session.sid, "reason": reason}
-        ))
+        if self._remove(conn, reason):
+            self._background(self._tell_router(
+                {"op": "session_end", "sid": conn.session.sid, "reason": reason}
+            ))
 
     # -- what members say and ask ------------------------------------------------------------
 
@@ -343,6 +345,13 @@ class Server(CommandHandler):
             return await self.adopt(msg, fds)
         if op == "members":
             return ok(members=self.members())
+        if op == "drop":  # the router gave this session to a newer connection
+            conn = self.conns.get(str(msg.get("sid")))
+            if conn is not None:
+                self._remove(conn, "resumed elsewhere")
+                conn.send({"type": "notice", "text": "this session was resumed elsewhere"})
+                conn.close("resumed elsewhere")
+            return ok(dropped=conn is not None)
         if op == "fd_resync":
             items = [(sid, c.fileno(), c.session.record()) for sid, c in self.conns.items()]
             return ok(count=fdstore.resync(self.keeper, lambda: items))

@@ -123,12 +123,16 @@ def test_resume_replays_exactly_what_was_missed(make_tree) -> None:  # type: ign
     assert [(m["seq"], m["text"]) for m in missed] == [(last + 1, "two"), (last + 2, "three")]
     b.send("four")
     assert c.expect_json(type="message")["seq"] == last + 3
-    # a session is resumed once: a second try is refused
+    # the newest connection with the (secret) session id wins; the older one is told
     d = Client(t.port)
     d.send(f"/resume {a.session}")
-    assert d.expect(r"^! ") == f"! session {a.session} is still connected"
-    d.send("/resume 00000000")
-    assert d.expect(r"^! ").startswith("! no session 00000000 to resume")
+    d.expect("welcome back, a43")
+    assert c.expect_json(type="notice")["text"] == "this session was resumed elsewhere"
+    d.send("from the new connection")
+    assert b.expect("a43:") == "[rust] a43: from the new connection"
+    e = Client(t.port)
+    e.send("/resume 00000000")
+    assert e.expect(r"^! ").startswith("! no session 00000000 to resume")
 
 
 def test_a_damaged_log_is_repaired_and_the_server_starts(make_tree) -> None:  # type: ignore[no-untyped-def]
@@ -155,3 +159,46 @@ def test_a_damaged_log_is_repaired_and_the_server_starts(make_tree) -> None:  # 
     b.send("after the repair")
     b.send("/history 1")
     assert b.expect(r"\[rust #6\]") == "[rust #6] b44: after the repair"
+
+
+def test_the_line_client_reconnects_and_resumes_by_itself(make_tree) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    t = make_tree()
+    other = Client(t.port, "o45", json_mode=True)
+    other.send("/join rust")
+    other.expect_json(type="joined")
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "client", "127.0.0.1", str(t.port), "--reconnect-for", "20"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert chat.stdin and chat.stdout
+    try:
+        chat.stdin.write(b"/nick c45\n/join rust\nhello before\n")
+        chat.stdin.flush()
+        other.expect_json(type="message", text="hello before")
+        other.send("seen live")
+        other.expect_json(type="sent")  # durable, and fanned out to c45
+        # both holders of the client's socket die: the connection really ends
+        os.kill(t.pid("server-monitor@rust"), signal.SIGKILL)
+        os.kill(t.pid("server@rust"), signal.SIGKILL)
+        t.wait_healthy()
+        other2 = Client(t.port, "p45")
+        other2.join("rust")
+        other2.send("said while c45 was away")
+        chat.stdin.write(b"typed after the crash\n")
+        chat.stdin.flush()
+        assert other2.expect("c45:") == "[rust] c45: typed after the crash"
+        chat.stdin.write(b"/who\n")
+        chat.stdin.close()
+        assert chat.wait(timeout=WAIT_S) == 0
+        out = chat.stdout.read().decode().splitlines()
+        assert "[rust] o45: seen live" in out
+        assert "[rust] p45: said while c45 was away" in out  # missed, then replayed
+        assert out.count("[rust] o45: seen live") == 1  # and nothing shown twice
+        assert any(line.startswith("* in rust: c45") for line in out)
+        assert out[-1] == "* bye"
+        assert "resumed session" in chat.stderr.read().decode()  # type: ignore[union-attr]
+    finally:
+        if chat.poll() is None:
+            chat.kill()
