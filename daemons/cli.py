@@ -183,6 +183,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop_tree(paths)
         late = ", ".join(f"{r['name']} ({r['state']})" for r in rows if r["state"] != "ready")
         raise CliError(f"TheyChat did not become ready in {START_TIMEOUT_S:.0f}s: {late}")
+    # The root of the tree from now on: restarts the router pair if both die at once.
+    procs.spawn(["-m", "daemons.manager", *argv[2:]], paths.stderr("manager"))
     print(f"TheyChat is up: {len(rows)} daemons, clients connect to {host}:{port} "
           f"(try: nc {host} {port}); state in {paths.root}", flush=True)
     if args.foreground:
@@ -248,7 +250,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             restarts = "-" if r["restarts"] is None else r["restarts"]
             print(f"{r['role']:<16}{r['topic'] or '-':<14}{r['pid'] or '-':>8}  "
                   f"{r['state']:<13}{up:>9}{restarts:>10}")
-        print(f"state dir: {paths.root}; {'healthy' if healthy else 'NOT healthy'}")
+        manager = procs.read_pidfile(paths.pidfile("manager"))
+        root = (f"process manager pid {manager.pid}" if manager and manager.alive()
+                else "no process manager (systemd, or stopped)")
+        print(f"state dir: {paths.root}; {root}; {'healthy' if healthy else 'NOT healthy'}")
     return 0 if healthy else 1
 
 

@@ -123,3 +123,23 @@ def test_forged_and_replayed_heartbeats_do_not_keep_a_hung_server_alive(make_tre
     rejected = monitor["heartbeats_rejected"]
     for reason in ("bad_signature", "replayed", "stale", "unsigned", "malformed"):
         assert rejected.get(reason, 0) > 10, rejected
+
+
+def test_router_and_its_monitor_dying_together_are_restarted_by_the_manager(make_tree) -> None:  # type: ignore[no-untyped-def]
+    t = make_tree()
+    a, b = Client(t.port, "a32"), Client(t.port, "b32")
+    a.join("rust")
+    b.join("rust")
+    os.kill(t.pid("router-monitor"), signal.SIGKILL)
+    os.kill(t.pid("router"), signal.SIGKILL)
+    # topics never depended on the router: the conversation goes on meanwhile
+    a.send("nobody at the front door")
+    assert b.expect("a32:", timeout=0.5) == "[rust] a32: nobody at the front door"
+    ev = t.wait_event("manager", "peer_declared_dead", child="router")
+    assert ev["both_roots"] is True
+    rows = t.wait_healthy()
+    assert {r["name"]: r["restarts"] for r in rows}["router"] == 1
+    newcomer = Client(t.port, "n32")
+    newcomer.send("/topics")
+    assert "rust (2)" in newcomer.expect(r"\* topics")  # learnt again from the servers
+    assert "process manager pid" in t.cli("status").stdout

@@ -1,0 +1,84 @@
+"""The process manager of `theychat up`: the root of the tree when systemd is not.
+
+The router and the router-monitor restart each other; only when both are dead at once
+does this step in and start the router again (which starts its monitor). It adopts
+nothing else and sends no heartbeats: like systemd, it watches pids. Restarts obey the
+same intensity limit as every supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from daemons import control, daemon, procs
+from daemons.control import Message, fail, ok
+from daemons.daemon import Daemon
+from daemons.policy import RestartPolicy, decide, prune
+from daemons.supervisor import ChildSpec, SpawnManager
+
+POLL_S = 0.1
+# The pair restart each other within milliseconds; only a longer joint absence is ours.
+BOTH_DEAD_FOR_S = 0.5
+ROOTS = ("router", "router-monitor")
+
+
+def _alive(d: Daemon, name: str) -> bool:
+    rec = procs.read_pidfile(d.paths.pidfile(name))
+    return rec is not None and rec.alive()
+
+
+async def main_async(d: Daemon) -> None:
+    s = d.cfg.supervision
+    policy = RestartPolicy(s.max_restarts, s.window_s, s.backoff_initial_ms, s.backoff_step_ms,
+                           s.backoff_max_ms)
+    spec = ChildSpec("router", "router", None, d.child_args("daemons.router"))
+    spawner = SpawnManager(d.paths)
+    recent: list[float] = []
+    restarts = 0
+    gave_up = False
+
+    async def on_control(msg: Message, fds: list[int]) -> Message:
+        if msg["op"] == "status":
+            return ok(daemon=d.status(), restarts=restarts, gave_up=gave_up)
+        return fail("unknown_op", f"unknown op {msg['op']!r}")
+
+    ctl = control.ControlServer(d.paths.control(d.name), on_control, d.log)
+    await ctl.start()
+    d.ready(watching=list(ROOTS))
+    both_dead_since: float | None = None
+    while not d.stop.is_set():
+        await asyncio.sleep(POLL_S)
+        if d.paths.stopping.exists() or any(_alive(d, n) for n in ROOTS):
+            both_dead_since = None
+            continue
+        now = time.monotonic()
+        both_dead_since = both_dead_since or now
+        if now - both_dead_since < BOTH_DEAD_FOR_S or gave_up:
+            continue
+        d.log.warning("peer_declared_dead", child="router", cause="exit",
+                      detection_ms=round((now - both_dead_since) * 1000), both_roots=True)
+        recent = prune(recent, now, policy.window_s)
+        decision = decide(policy, recent, now)
+        if decision.action == "give_up":
+            gave_up = True
+            d.log.error("gave_up", child="router", restarts_in_window=len(recent))
+            continue
+        d.log.info("restarting", child="router", cause="exit",
+                   delay_ms=round(decision.delay_s * 1000))
+        await asyncio.sleep(decision.delay_s)
+        pid = spawner.start(spec)
+        recent.append(now)
+        restarts += 1
+        d.log.info("child_started", child="router", child_pid=pid)
+        both_dead_since = None
+    await ctl.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return daemon.run("manager", main_async, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
