@@ -15,6 +15,7 @@ import secrets
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from daemons import control, daemon, fdstore
@@ -64,7 +65,7 @@ class Router(CommandHandler):
         self.sup: Supervisor
         self.journal: Journal
 
-    def server_ctl(self, topic: str) -> Any:
+    def server_ctl(self, topic: str) -> Path:
         return self.d.paths.control(f"server@{topic}")
 
     # -- lifecycle -------------------------------------------------------------------
@@ -107,7 +108,10 @@ class Router(CommandHandler):
         await d.stop.wait()
         self.log.info("daemon_stopping")
         server.close()
-        for conn in list(self.lobby.values()):
+        # A shutdown is not a departure: the log keeps these sessions as they are, and
+        # the next start finds their sockets gone and keeps them resumable.
+        lobby, self.lobby = self.lobby, {}
+        for conn in list(lobby.values()):
             conn.send({"type": "notice", "text": "the router is shutting down"})
             conn.close("server shutdown")
         await ctl.close()
