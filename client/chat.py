@@ -51,6 +51,8 @@ class LineClient:
         self.outbox: deque[bytes] = deque(maxlen=OUTBOX_MAX)
         self._inbuf = b""
         self._json_acks = 0  # our own /json requests whose reply we swallow
+        self.resuming = False  # typed lines wait until the session is ours again
+        self.shutting_down = False
         self._resumes_left = 0
 
     # -- output ---------------------------------------------------------------------------
@@ -97,19 +99,24 @@ class LineClient:
         elif kind == "resumed":
             self.session = event.get("session")
             self._note(f"resumed session {self.session}")
-        elif kind == "message" and event.get("topic") == self.topic:
+            self._resumed()
+        elif kind in ("message", "sent") and event.get("topic") == self.topic:
+            # our own lines count too, or a resume would replay them to us
             seq = event.get("seq")
             if isinstance(seq, int) and (self.last_seq is None or seq > self.last_seq):
                 self.last_seq = seq
         elif kind == "error" and event.get("code") == "session_busy" and self._resumes_left:
             self._resumes_left -= 1  # its server is restarting: ask again shortly
             time.sleep(0.2)
-            self._send(self._resume_line())
+            self._send(self._resume_line(), queue_ok=False)
         elif kind == "error" and event.get("code") in ("no_such_session", "session_busy"):
             self._note(f"could not resume: {event.get('text')}")
             self.session, self.topic, self.last_seq = self.fresh_session, None, None
-        elif kind == "bye" or (kind == "notice" and "shutting down" in str(event.get("text"))):
+            self._resumed()
+        elif kind == "bye":
             self.finished = True
+        elif kind == "notice" and "shutting down" in str(event.get("text")):
+            self.shutting_down = True  # reconnect briefly: a restart, or the end
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -120,16 +127,26 @@ class LineClient:
         self._json_acks = 1
         if self.session is not None:
             self._resumes_left = 25
+            self.resuming = True
             hello += self._resume_line()
         sock.sendall(hello)
         return sock
+
+    def _resumed(self) -> None:
+        """The resume is settled: what was typed meanwhile goes out now, in order."""
+        self.resuming = False
+        while self.outbox and self.sock is not None:
+            self._send(self.outbox.popleft())
 
     def _resume_line(self) -> bytes:
         after = f" {self.last_seq}" if self.topic and self.last_seq is not None else ""
         return f"/resume {self.session}{after}\n".encode()
 
     def _reconnect(self) -> socket.socket | None:
-        deadline = time.monotonic() + self.reconnect_for
+        # After a shutdown notice, only a quick restart is worth waiting for.
+        patience = min(self.reconnect_for, 3.0) if self.shutting_down else self.reconnect_for
+        self.shutting_down = False
+        deadline = time.monotonic() + patience
         delay = 0.1
         self._note("connection lost; reconnecting")
         while time.monotonic() < deadline:
@@ -140,8 +157,8 @@ class LineClient:
                 delay = min(delay * 2, 2.0)
         return None
 
-    def _send(self, data: bytes) -> None:
-        if self.sock is None:
+    def _send(self, data: bytes, queue_ok: bool = True) -> None:
+        if self.sock is None or (self.resuming and queue_ok):
             self.outbox.append(data)
             return
         try:
@@ -196,13 +213,16 @@ class LineClient:
                         if self.finished or self.quitting:
                             return 0
                         sel.unregister(self.sock)
+                        ending = self.shutting_down
                         self.sock = self._reconnect()
                         if self.sock is None:
+                            if ending:
+                                return 0  # TheyChat was shut down: the conversation is over
                             self._note("could not reconnect; giving up")
                             return 1
                         sel.register(self.sock, selectors.EVENT_READ, "sock")
-                        while self.outbox:
-                            self._send(self.outbox.popleft())
+                        if not self.resuming:
+                            self._resumed()
         except KeyboardInterrupt:
             return 130
         except BrokenPipeError:

@@ -17,6 +17,8 @@ def _names(names: list[str]) -> str:
 
 def _message_text(m: Event, *, history: bool = False) -> str:
     mark = f" #{m['seq']}" if history else ""
+    if m.get("action"):
+        return f"[{m['topic']}{mark}] * {m['from']} {m['text']}"
     return f"[{m['topic']}{mark}] {m['from']}: {m['text']}"
 
 
@@ -32,6 +34,9 @@ def text_lines(event: Event) -> list[str]:
         what = {"joined": "joined", "left": "left"}.get(event["event"], event["event"])
         if event["event"] == "renamed":
             return [f"* {event['old']} is now known as {event['nick']}"]
+        if event["event"] == "kicked":
+            why = f": {event['reason']}" if event.get("reason") else ""
+            return [f"* {event['nick']} was kicked from {event['topic']} by {event['by']}{why}"]
         reason = f" ({event['reason']})" if event.get("reason") else ""
         return [f"* {event['nick']} {what} {event['topic']}{reason}"]
     if t == "topics":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemons import config, control, logs, procs
+from daemons import config, control, logs, passwords, procs
 from daemons.config import Config
 from daemons.errors import ConfigError, ControlError, TheyChatError
 from daemons.paths import StatePaths, daemon_name
@@ -65,7 +66,7 @@ def _query(paths: StatePaths, name: str, timeout: float = 0.5) -> dict[str, Any]
 def gather(cfg: Config, paths: StatePaths) -> list[dict[str, Any]]:
     """One row per expected daemon, from its own answer and from its supervisor's."""
     router = _query(paths, "router")
-    topics = list(router["topics"]) if router else cfg.topics
+    topics = list(router["topics"]) if router else cfg.topics.names
     replies = {"router": router}
     rows = []
     for role, topic in expected(topics):
@@ -149,8 +150,14 @@ def _tail(path: Path, since: int) -> str:
     return lines[-1] if lines else ""
 
 
+def _not_systemd(cfg: Config, instead: str) -> None:
+    if cfg.supervision.backend == "systemd":
+        raise CliError(f"supervision.backend is systemd: systemd runs this tree; {instead}")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     cfg, paths = _load(args.config)
+    _not_systemd(cfg, "use `systemctl start theychat.target`")
     running = live_daemons(paths)
     if running:
         names = ", ".join(f"{n} (pid {r.pid})" for n, r in running.items())
@@ -225,7 +232,8 @@ def _foreground(paths: StatePaths) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    _, paths = _load(args.config)
+    cfg, paths = _load(args.config)
+    _not_systemd(cfg, "use `systemctl stop theychat.target`")
     if not live_daemons(paths):
         print(f"TheyChat is not running in {paths.root}")
         return 0
@@ -233,7 +241,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     left = live_daemons(paths)
     if left:
         raise CliError(f"could not stop: {', '.join(left)}")
-    print(f"TheyChat is down: stopped {n} daemons")
+    print(f"TheyChat is down: stopped {n} processes (the daemons and the process manager)")
     return 0
 
 
@@ -268,6 +276,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return chat.run(host, port, args.reconnect_for)
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print the hash to put in `operators[].password_hash`; the password never is."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("operator password: ")
+        if getpass.getpass("again: ") != password:
+            raise CliError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise CliError("an empty password is not a password")
+    print(passwords.make(password))
+    return 0
+
+
+def cmd_install_systemd(args: argparse.Namespace) -> int:
+    from daemons import systemd
+
+    systemd.install(Path(args.config) if args.config else None, Path(args.unit_dir),
+                    reload=not args.no_reload)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="theychat", description="TheyChat: chat that keeps going")
     sub = p.add_subparsers(dest="command", required=True)
@@ -282,6 +312,13 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("port", nargs="?", type=int)
     chat.add_argument("--reconnect-for", type=float, default=300.0, metavar="SECONDS",
                       help="after a lost connection, keep trying this long, then resume")
+    sub.add_parser("hash-password", help="hash an operator password (read from stdin)")
+    sd = sub.add_parser("install-systemd",
+                        help="install the systemd units and /etc/theychat/theychat.yaml")
+    sd.add_argument("--config", metavar="FILE",
+                    help="config to install (default: the installed one, else built in)")
+    sd.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR")
+    sd.add_argument("--no-reload", action="store_true", help="skip systemctl daemon-reload")
     for s in (up, down, status, chat):
         s.add_argument("--config", metavar="FILE", help="YAML config (default: built in)")
     return p
@@ -290,7 +327,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.umask(0o077)
-    handler = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "chat": cmd_chat}
+    handler = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "chat": cmd_chat,
+               "hash-password": cmd_hash_password, "install-systemd": cmd_install_systemd}
     try:
         return handler[args.command](args)
     except ConfigError as e:

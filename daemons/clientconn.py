@@ -37,9 +37,10 @@ class Session:
     sid: str
     nick: str
     json: bool = False
+    oper: bool = False  # a server operator (/oper)
 
     def record(self) -> dict[str, Any]:
-        return {"sid": self.sid, "nick": self.nick, "json": self.json}
+        return {"sid": self.sid, "nick": self.nick, "json": self.json, "oper": self.oper}
 
     @classmethod
     def from_record(cls, rec: Any) -> Session:
@@ -50,7 +51,7 @@ class Session:
             raise ControlError("session.sid: expected a string", "bad_request")
         if not isinstance(nick, str) or not valid_name(nick):
             raise ControlError("session.nick: expected a valid nick", "bad_request")
-        return cls(sid, nick, bool(json_mode))
+        return cls(sid, nick, bool(json_mode), rec.get("oper") is True)
 
 
 class Owner(Protocol):
@@ -129,6 +130,16 @@ class ClientConn(asyncio.Protocol):
         """Begin handling lines, first those that came with the socket."""
         self.buf.feed(pending)
         self._resume()
+
+    def pause(self) -> None:
+        """Stop handling this client's lines (so its socket can be moved by someone else)."""
+        self.busy = True
+        if self.transport is not None and not self.close_reason:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._task is None or self._task.done():
+            self._resume()
 
     def _resume(self) -> None:
         if self.transport is None or self.detached or self.close_reason:
@@ -217,12 +228,14 @@ class ClientConn(asyncio.Protocol):
                 raise ControlError("client is not reading", "slow_client")
             await asyncio.sleep(0.002)
 
-    async def hand_over(self, target: Path, op: dict[str, Any]) -> dict[str, Any]:
+    async def hand_over(self, target: Path, op: dict[str, Any], witness: Path) -> dict[str, Any]:
         """Pass this socket, the session and unread bytes to the daemon at `target`.
 
         Reading is paused (we run inside a command), so the bytes the kernel holds stay
         there for the new owner. On success this connection is gone from our side; on
-        failure it is untouched and the ControlError says why.
+        failure it is untouched and the ControlError says why. When the target dies
+        before answering, `witness` (its monitor, which the target tells before it
+        answers) settles whether it took the socket: never two owners, never none.
         """
         assert self.transport is not None
         pending = self.buf.pending()
@@ -233,13 +246,25 @@ class ClientConn(asyncio.Protocol):
         fd = os.dup(sock.fileno())
         try:
             msg = {**op, "session": self.session.record(), "pending": pending.hex()}
-            reply = control.check(await control.request(target, msg, fds=[fd], timeout=5.0))
+            try:
+                reply = control.check(await control.request(target, msg, fds=[fd], timeout=5.0))
+            except ControlError as e:
+                if e.code != "unavailable" or not await self._taken(witness):
+                    raise
+                reply = {"ok": True, "witnessed": True}
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.detached = True
         self.transport.abort()
         return reply
+
+    async def _taken(self, witness: Path) -> bool:
+        try:
+            reply = await control.request(witness, {"op": "fd_held", "id": self.session.sid})
+        except ControlError:
+            return False  # no monitor, no copy: the target cannot have kept it
+        return reply.get("held") is True
 
 
 async def attach(owner: Owner, session: Session, fd: int, limits: Clients, log: Any) -> ClientConn:

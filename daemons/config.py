@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from daemons import passwords
 from daemons.errors import ConfigError
 from daemons.protocol import valid_name
 
@@ -37,6 +38,7 @@ class Listen:
 @dataclass(frozen=True)
 class History:
     size: int = field(default=1000, metadata=_range(0, 1_000_000))
+    on_join: int = field(default=20, metadata=_range(0, 1000))
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class Supervision:
     backoff_step_ms: int = field(default=50, metadata=_range(0, 60_000))
     backoff_max_ms: int = field(default=1000, metadata=_range(0, 600_000))
     start_timeout_ms: int = field(default=5000, metadata=_range(100, 600_000))
+    # How supervisors start and restart children: processes of their own, or systemd
+    # units through systemctl (docs/systemd.md). Same detection and decisions either way.
+    backend: str = field(default="spawn", metadata={"choices": ("spawn", "systemd")})
 
 
 @dataclass(frozen=True)
@@ -87,10 +92,27 @@ def _default_topics() -> list[str]:
 
 
 @dataclass(frozen=True)
+class Topics:
+    """`topics: [a, b]` is shorthand for `topics: {names: [a, b]}`."""
+
+    names: list[str] = field(default_factory=_default_topics)
+    allow_create: bool = True
+    max: int = field(default=50, metadata=_range(1, 10_000))
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    # scrypt$N$r$p$salt_hex$hash_hex, made by `theychat hash-password`; never a password
+    password_hash: str
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str | None = None
     listen: Listen = field(default_factory=Listen)
-    topics: list[str] = field(default_factory=_default_topics)
+    topics: Topics = field(default_factory=Topics)
+    operators: list[Operator] = field(default_factory=list)
     history: History = field(default_factory=History)
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     log: Log = field(default_factory=Log)
@@ -181,16 +203,26 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _check(cfg: Config) -> None:
-    if not cfg.topics:
-        raise ConfigError("topics: expected at least one topic")
+def _check(cfg: Config, topics_key: str) -> None:
+    names = cfg.topics.names
+    if not names:
+        raise ConfigError(f"{topics_key}: expected at least one topic")
     seen: set[str] = set()
-    for i, t in enumerate(cfg.topics):
+    for i, t in enumerate(names):
         if not isinstance(t, str) or not valid_name(t):
-            raise ConfigError(f"topics[{i}]: {t!r} is not 1-32 of A-Z a-z 0-9 _ -")
+            raise ConfigError(f"{topics_key}[{i}]: {t!r} is not 1-32 of A-Z a-z 0-9 _ -")
         if t.lower() in seen:
-            raise ConfigError(f"topics[{i}]: {t!r} is listed twice")
+            raise ConfigError(f"{topics_key}[{i}]: {t!r} is listed twice")
         seen.add(t.lower())
+    if len(names) > cfg.topics.max:
+        raise ConfigError(f"topics.max: {cfg.topics.max} is less than the "
+                          f"{len(names)} topics configured")
+    for i, op in enumerate(cfg.operators):
+        if not valid_name(op.name):
+            raise ConfigError(f"operators[{i}].name: {op.name!r} is not a valid nick")
+        if not passwords.well_formed(op.password_hash):
+            raise ConfigError(f"operators[{i}].password_hash: expected a hash made by "
+                              "`theychat hash-password` (never the password itself)")
     if cfg.heartbeat.timeout_ms <= cfg.heartbeat.interval_ms:
         raise ConfigError(
             "heartbeat.timeout_ms: must be greater than heartbeat.interval_ms "
@@ -205,8 +237,18 @@ def from_mapping(data: Any) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"top level: expected a mapping of keys, got {_describe(data)}")
-    cfg: Config = _build(Config, data)
-    _check(cfg)
+    topics_key = "topics"
+    if isinstance(data.get("topics"), list):  # the short form: just the names
+        data = {**data, "topics": {"names": data["topics"]}}
+    elif isinstance(data.get("topics"), dict):
+        topics_key = "topics.names"
+    try:
+        cfg: Config = _build(Config, data)
+    except ConfigError as e:
+        if topics_key == "topics" and str(e).startswith("topics.names"):
+            raise ConfigError("topics" + str(e)[len("topics.names"):]) from None
+        raise
+    _check(cfg, topics_key)
     return cfg
 
 

@@ -97,7 +97,9 @@ async def recv_packet(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One packet and the fds that came with it; b"" means the peer closed."""
     while True:
         try:
-            data, fds, flags, _ = socket.recv_fds(sock, MAX_PACKET, MAX_FDS)
+            # CLOEXEC: a socket passed to us must not leak into the daemons we spawn.
+            data, fds, flags, _ = socket.recv_fds(sock, MAX_PACKET, MAX_FDS,
+                                                  socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             await _wait(sock, writable=False)
             continue
@@ -242,7 +244,7 @@ def request_sync(path: Path, msg: Message, timeout: float = 2.0) -> Message:
         sock.connect(str(path))
         sock.settimeout(max(deadline - time.monotonic(), 0.01))
         sock.send(encode(msg))
-        data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, MAX_FDS)
+        data, fds, _, _ = socket.recv_fds(sock, MAX_PACKET, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
         close_fds(fds)
     except TimeoutError:
         raise ControlError(f"{path.name}: no reply in {timeout:.1f}s", "unavailable") from None

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import sdnotify
-
-from daemons import config, logs, procs
+from daemons import config, control, logs, procs, systemd
 from daemons.config import Config
 from daemons.errors import TheyChatError
 from daemons.heartbeat import (
@@ -56,6 +54,7 @@ class Daemon:
     key: bytes = b""
     listener: HeartbeatListener | None = None
     sender: HeartbeatSender | None = None
+    notifier: systemd.Notifier = field(default_factory=systemd.Notifier)
 
     @property
     def name(self) -> str:
@@ -84,8 +83,11 @@ class Daemon:
     def supervisor(self, on_gave_up: Callable[[Child], Awaitable[None]] | None = None
                    ) -> Supervisor:
         assert self.listener is not None, "listen() first"
+        manager = (systemd.SystemdManager(self.log)
+                   if self.cfg.supervision.backend == "systemd" else None)
         return Supervisor(self.paths, self.log, self.cfg.supervision,
-                          self.cfg.heartbeat.timeout_ms, self.listener, on_gave_up=on_gave_up)
+                          self.cfg.heartbeat.timeout_ms, self.listener, manager=manager,
+                          on_gave_up=on_gave_up)
 
     def _start_heartbeats(self) -> None:
         targets = [self.paths.heartbeat(n) for n in supervisors_of(self.role, self.topic)]
@@ -94,8 +96,9 @@ class Daemon:
         def endpoints() -> list[tuple[str, int]]:
             return [ep for path in targets if (ep := read_endpoint(path)) is not None]
 
+        # Each beat also pings systemd's watchdog: a stuck event loop stops both.
         self.sender = HeartbeatSender(template, self.key, self.cfg.heartbeat.interval_ms,
-                                      endpoints)
+                                      endpoints, on_tick=self.notifier.tick)
         self.sender.start()
 
     def status(self) -> dict[str, Any]:
@@ -123,8 +126,22 @@ class Daemon:
         self.state = "ready"
         self._start_heartbeats()
         self.log.info("daemon_ready", **fields)
-        # A no-op unless systemd started us with Type=notify (NOTIFY_SOCKET set).
-        sdnotify.SystemdNotifier().notify("READY=1")
+        # No-ops unless systemd started us with Type=notify (NOTIFY_SOCKET set): READY=1
+        # with a STATUS= line kept fresh from our own `status` reply, and a watchdog
+        # never shorter than our supervisor's own hang detection needs.
+        self.notifier.at_least(4 * self.cfg.heartbeat.timeout_ms / 1000)
+        self.notifier.ready(self._status_line(fields))
+        self.notifier.follow(self._own_status, self._status_line)
+
+    def _status_line(self, facts: dict[str, Any]) -> str:
+        return systemd.describe(self.role, self.topic, self.incarnation, self.started_at, facts)
+
+    async def _own_status(self) -> dict[str, Any] | None:
+        try:
+            return control.check(await control.request(self.paths.control(self.name),
+                                                       {"op": "status"}, timeout=1.0))
+        except TheyChatError:
+            return None
 
 
 def _fail(name: str, text: str, code: int) -> int:
@@ -192,6 +209,7 @@ async def _main(d: Daemon, body: Callable[[Daemon], Awaitable[None]]) -> None:
     try:
         await body(d)
     finally:
+        d.notifier.stopping()
         if d.sender:
             d.sender.stop()
         if d.listener:

@@ -21,16 +21,18 @@ class SessionInfo:
     nick: str
     topic: str | None = None  # None: in the lobby
     detached_at: float | None = None  # wall time its connection went; None: connected
+    oper: bool = False  # a server operator (/oper)
 
     def record(self) -> dict[str, Any]:
         """The write-ahead log record that recreates this session."""
         return {"type": "session", "sid": self.sid, "nick": self.nick, "topic": self.topic,
-                "detached_at": self.detached_at}
+                "detached_at": self.detached_at, "oper": self.oper}
 
 
 class Directory:
     def __init__(self, topics: list[str], rng: random.Random | None = None) -> None:
         self.topics = list(topics)
+        self.creators: dict[str, str] = {}  # topics made with /create -> creator's nick
         self.sessions: dict[str, SessionInfo] = {}
         self._by_nick: dict[str, str] = {}  # folded nick -> sid
         self._rng = rng or random.Random()
@@ -39,6 +41,18 @@ class Directory:
         """The canonical spelling of a topic, matched case-insensitively."""
         key = fold(name)
         return next((t for t in self.topics if fold(t) == key), None)
+
+    def add_topic(self, name: str, creator: str) -> None:
+        if self.topic_named(name) is None:
+            self.topics.append(name)
+        self.creators[name] = creator
+
+    def drop_topic(self, name: str) -> None:
+        if name in self.topics:
+            self.topics.remove(name)
+        self.creators.pop(name, None)
+        for s in self.in_topic(name):
+            s.topic = None
 
     def open_session(self, sid: str) -> SessionInfo:
         while True:
@@ -55,7 +69,7 @@ class Directory:
         old = self.sessions.get(sid)
         if old is not None:
             self._by_nick.pop(fold(old.nick), None)
-        info = SessionInfo(sid, nick, topic)
+        info = SessionInfo(sid, nick, topic, oper=old.oper if old else False)
         self.sessions[sid] = info
         self._by_nick[fold(nick)] = sid
         return info
@@ -107,13 +121,28 @@ class Directory:
                 return
             at = rec.get("detached_at")
             info.detached_at = float(at) if isinstance(at, int | float) else None
+            info.oper = rec.get("oper") is True
         elif rec.get("type") == "end":
             self.close_session(str(rec.get("sid")))
+        elif rec.get("type") == "topic" and isinstance(rec.get("name"), str):
+            self.add_topic(rec["name"], str(rec.get("creator", "")))
+        elif rec.get("type") == "topic_dropped":
+            self.drop_topic(str(rec.get("name")))
 
     def snapshot(self) -> dict[str, Any]:
-        return {"sessions": [s.record() for s in self.sessions.values()]}
+        return {"sessions": [s.record() for s in self.sessions.values()],
+                "created": [{"name": t, "creator": c} for t, c in self.creators.items()],
+                "topics": list(self.topics)}
 
     def restore(self, state: dict[str, Any]) -> None:
+        for rec in state.get("created", []):
+            if isinstance(rec, dict):
+                self.apply({"type": "topic", **rec})
+        # a configured topic that was dropped stays dropped
+        if isinstance(state.get("topics"), list):
+            for t in list(self.topics):
+                if t not in state["topics"]:
+                    self.drop_topic(t)
         for rec in state.get("sessions", []):
             if isinstance(rec, dict):
                 self.apply(rec)

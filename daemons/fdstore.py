@@ -54,6 +54,9 @@ class FdVault:
             return ok(held=len(self))
         if op == "fd_fetch":
             return self._fetch(msg)
+        if op == "fd_held":  # did our worker take this socket before it died?
+            entry = self.entries.get(str(key))
+            return ok(held=entry is not None and entry[0] is not None)
         return None
 
     def _fetch(self, msg: Message) -> Message:

@@ -23,6 +23,7 @@ class Journal:
         self._snapshot = snapshot
         self._on_fail = on_fail
         self._compacting: asyncio.Future[None] | None = None
+        self._last: asyncio.Future[None] | None = None
 
     def append(self, rec: Record) -> asyncio.Future[None]:
         """Append a record; the future completes once it is durable (`wal.fsync`).
@@ -32,10 +33,17 @@ class Journal:
         """
         fut = self.wal.append_nowait(rec)
         fut.add_done_callback(self._check)
+        self._last = fut
         if self._compacting is None and self.wal.records_since_snapshot >= self._every:
             self._compacting = self.wal.compact(self._snapshot())
             self._compacting.add_done_callback(self._compacted)
         return fut
+
+    async def caught_up(self) -> None:
+        """Wait until everything appended so far is durable (and its callbacks ran)."""
+        if self._last is not None and not self._last.done():
+            with contextlib.suppress(WalFailed):
+                await asyncio.shield(self._last)
 
     def _check(self, fut: asyncio.Future[None]) -> None:
         if not fut.cancelled() and fut.exception() is not None:

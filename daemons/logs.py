@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,10 +28,52 @@ def configure(path: Path, level: str, **bound: Any) -> Logger:
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=_factory(stream, journal_stream()),
         cache_logger_on_first_use=True,
     )
     return structlog.get_logger().bind(**bound)
+
+
+def journal_stream() -> TextIO | None:
+    """stdout, if systemd connected it to the journal ($JOURNAL_STREAM names it); not when
+    a spawned daemon's stdout is its NAME.stderr file, even under a systemd unit."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sys.stdout if want == f"{st.st_dev}:{st.st_ino}" else None
+
+
+# sd-daemon(3) priority prefixes: journald strips them and files the line at that level.
+_PRIORITY = {"debug": 7, "info": 6, "msg": 6, "warning": 4, "warn": 4, "error": 3, "err": 3,
+             "exception": 3, "critical": 2, "fatal": 2}
+
+
+class _Tee:
+    """Each JSON line to the log file and, as it is, to the journal with its priority."""
+
+    def __init__(self, file: TextIO, journal: TextIO) -> None:
+        self._file, self._journal = file, journal
+
+    def __getattr__(self, method: str) -> Any:
+        priority = _PRIORITY.get(method, 6)
+
+        def write(message: str) -> None:
+            self._file.write(message + "\n")
+            try:
+                self._journal.write(f"<{priority}>{message}\n")
+                self._journal.flush()
+            except (OSError, ValueError):
+                pass  # journald restarting: the file still has the line
+
+        return write
+
+
+def _factory(file: TextIO, journal: TextIO | None) -> Any:
+    if journal is None:
+        return structlog.WriteLoggerFactory(file=file)
+    return lambda *args: _Tee(file, journal)
 
 
 _SKIP = {"event", "ts", "level", "role", "topic", "pid", "incarnation"}

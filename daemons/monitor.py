@@ -4,7 +4,9 @@ sockets (fdstore), answer `status`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 
 from daemons import control
 from daemons.control import Message, fail, ok
@@ -47,17 +49,28 @@ async def supervise_one(d: Daemon, spec: ChildSpec) -> None:
             return reply
         if msg["op"] == "status":
             return ok(daemon=d.status(), children=sup.status(), fds_held=len(vault))
+        if msg["op"] == "stop_child":  # the topic is dropped: end the worker, then us
+            await sup.stop(spec.name)
+            d.log.info("child_stopped", child=spec.name)
+            d.stop.set()
+            return ok()
         return fail("unknown_op", f"unknown op {msg['op']!r}")
 
     ctl = control.ControlServer(d.paths.control(d.name), on_control, d.log)
     await ctl.start()
-    sup.add(spec)
-    # A worker that outlived our previous incarnation stored its sockets there: ask it
-    # to store them again here. A worker that is only starting fetches (nothing) itself.
-    with contextlib.suppress(ControlError):
-        reply = control.check(await control.request(worker_ctl, {"op": "fd_resync"}))
-        d.log.info("fds_resync_requested", child=spec.name, count=reply.get("count"))
+    child = sup.add(spec)
     d.ready(child=spec.name)
+    # A worker that outlived our previous incarnation stored its sockets there: ask it
+    # to store them again here (until it answers: it may be busy or hung right now). A
+    # worker we started ourselves fetches from us instead.
+    deadline = time.monotonic() + d.cfg.supervision.start_timeout_ms / 1000
+    while time.monotonic() < deadline and child.state in ("starting", "running"):
+        try:
+            reply = control.check(await control.request(worker_ctl, {"op": "fd_resync"}))
+            d.log.info("fds_resync_requested", child=spec.name, count=reply.get("count"))
+            break
+        except ControlError:
+            await asyncio.sleep(0.1)
     await d.stop.wait()
     d.log.info("daemon_stopping")
     await ctl.close()

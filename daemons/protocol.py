@@ -104,11 +104,17 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("topics", "/topics", "list the topics with their member counts"),
         CommandSpec("join", "/join TOPIC", "enter a topic (leaves the current one)"),
         CommandSpec("leave", "/leave", "go back to the lobby"),
-        CommandSpec("who", "/who", "list the people here"),
+        CommandSpec("who", "/who [TOPIC]", "list the people here, or in TOPIC"),
+        CommandSpec("me", "/me TEXT", "send an action (* you TEXT) to your topic"),
+        CommandSpec("create", "/create TOPIC", "open a new topic and enter it as its operator"),
         CommandSpec("msg", "/msg NICK TEXT", "send a direct message, wherever NICK is"),
         CommandSpec("history", "/history [N]", "show the last N messages of this topic"),
         CommandSpec("resume", "/resume SESSION [LAST_SEQ]",
                     "take back a session after a lost connection (from the lobby)"),
+        CommandSpec("oper", "/oper NAME PASSWORD", "become a server operator"),
+        CommandSpec("kick", "/kick NICK [REASON]", "operators: send NICK back to the lobby"),
+        CommandSpec("ban", "/ban NICK", "operators: keep NICK out of this topic"),
+        CommandSpec("drop", "/drop TOPIC", "operators: close TOPIC and forget it"),
         CommandSpec("json", "/json [on|off]", "one JSON object per line, for programs"),
         CommandSpec("help", "/help [COMMAND]", "list the commands, or explain one"),
         CommandSpec("quit", "/quit", "disconnect"),
@@ -149,16 +155,31 @@ def parse(line: str) -> Say | Command | None:
         shown = sanitize(word)[:40]
         raise UnknownCommand(f"unknown command /{shown}; type /help for the list")
     usage = COMMANDS[name].usage
-    if name in ("nick", "join"):
+    if name in ("nick", "join", "create", "ban", "drop") or (name == "who" and rest):
         if not rest or " " in rest:
             raise BadArguments(f"usage: {usage}")
         if not valid_name(rest):
-            what = "name" if name == "nick" else "topic name"
+            what = "name" if name in ("nick", "ban") else "topic name"
             raise BadArguments(
                 f"invalid {what} {sanitize(rest)[:40]!r}: use 1-32 of A-Z a-z 0-9 _ -",
                 code="bad_name",
             )
         return Command(name, arg=rest)
+    if name == "me":
+        text = sanitize(rest).strip()
+        if not text:
+            raise BadArguments(f"usage: {usage}")
+        return Command(name, text=text)
+    if name == "kick":
+        nick, _, reason = rest.partition(" ")
+        if not nick or not valid_name(nick):
+            raise BadArguments(f"usage: {usage}")
+        return Command(name, arg=nick, text=sanitize(reason).strip()[:200])
+    if name == "oper":
+        who, _, password = rest.partition(" ")
+        if not who or not password or not valid_name(who):
+            raise BadArguments(f"usage: {usage}")
+        return Command(name, arg=who, text=password)
     if name == "msg":
         nick, _, text = rest.partition(" ")
         text = sanitize(text).strip()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemons import control, daemon, fdstore
+from daemons import control, daemon, fdstore, passwords
 from daemons.clientconn import ClientConn, Session, attach, set_keepalive
 from daemons.commands import CommandHandler, Pending, handoff_error
 from daemons.control import Message, fail, ok
@@ -27,10 +27,13 @@ from daemons.directory import Directory, NickTaken, SessionInfo
 from daemons.errors import ControlError, TheyChatError
 from daemons.fdstore import FdKeeper
 from daemons.journal import Journal
-from daemons.protocol import Command
+from daemons.protocol import Command, fold, valid_name
 from daemons.supervisor import Child, ChildSpec, Supervisor
 
 LISTENER = "listener"  # fd store key of the client port's listening socket
+# Checked against when /oper names no operator, so a wrong name costs as long as a wrong
+# password (no timing oracle for operator names).
+UNKNOWN_OPERATOR_HASH = passwords.make("no operator has this password")
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -56,7 +59,7 @@ class Router(CommandHandler):
         self.d = d
         self.cfg = d.cfg
         self.log = d.log
-        self.dir = Directory(d.cfg.topics)
+        self.dir = Directory(d.cfg.topics.names)
         self.lobby: dict[str, ClientConn] = {}
         self.unavailable: set[str] = set()  # topics whose supervisor gave up
         self.keeper = FdKeeper(d.paths.control("router-monitor"), d.log)
@@ -100,8 +103,7 @@ class Router(CommandHandler):
         self.sup.add(ChildSpec("router-monitor", "router-monitor", None,
                                d.child_args("daemons.router_monitor")))
         for topic in self.dir.topics:
-            self.sup.add(ChildSpec(f"server-monitor@{topic}", "server-monitor", topic,
-                                   d.child_args("daemons.server_monitor", topic)))
+            self._supervise_topic(topic)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(self._new_conn, sock=listener)
         d.ready(host=self.cfg.listen.host, port=listener.getsockname()[1])
@@ -156,8 +158,7 @@ class Router(CommandHandler):
         for key, fd, meta in items:
             if key == LISTENER:
                 sock = socket.socket(fileno=fd)
-                want = (self.cfg.listen.host, self.cfg.listen.port)
-                if self.listener is None and sock.getsockname()[:2] == want:
+                if self.listener is None and sock.getsockname()[:2] == self._listen_addr():
                     sock.setblocking(False)
                     self.listener = sock
                 else:
@@ -176,6 +177,19 @@ class Router(CommandHandler):
         self.log.info("fds_restored", count=len(restored),
                       listener=self.listener is not None)
         return restored
+
+    def _listen_addr(self) -> tuple[str, int] | None:
+        """The configured client address as the kernel names it (a host name resolved)."""
+        try:
+            infos = socket.getaddrinfo(self.cfg.listen.host, self.cfg.listen.port,
+                                       type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror:
+            return None
+        return (str(infos[0][4][0]), int(infos[0][4][1]))
+
+    def _supervise_topic(self, topic: str) -> None:
+        self.sup.add(ChildSpec(f"server-monitor@{topic}", "server-monitor", topic,
+                               self.d.child_args("daemons.server_monitor", topic)))
 
     async def _gave_up(self, child: Child) -> None:
         if child.spec.role == "server-monitor" and child.spec.topic:
@@ -252,8 +266,9 @@ class Router(CommandHandler):
 
     def lost(self, conn: ClientConn, reason: str) -> None:
         sid = conn.session.sid
-        if self.lobby.pop(sid, None) is None:
-            return
+        if self.lobby.get(sid) is not conn:
+            return  # moved, or its session was taken over by a newer connection
+        del self.lobby[sid]
         self.keeper.drop(sid)
         self._left(sid, reason)
         self.log.info("client_left", session=sid, nick=conn.session.nick, reason=reason)
@@ -304,7 +319,8 @@ class Router(CommandHandler):
         sid = conn.session.sid
         op = {"op": "adopt", "from": None, "resume_after": resume_after}
         try:
-            await conn.hand_over(self.server_ctl(topic), op)
+            await conn.hand_over(self.server_ctl(topic), op,
+                                 self.d.paths.control(f"server-monitor@{topic}"))
         except ControlError as e:
             self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
             conn.send(handoff_error(e, f"topic {topic} is unavailable right now; try again"))
@@ -318,6 +334,131 @@ class Router(CommandHandler):
     def cmd_leave(self, conn: ClientConn, cmd: Command) -> Pending:
         conn.send({"type": "error", "code": "not_in_topic", "text": "you are in the lobby"})
         return None
+
+    def _in_lobby(self, conn: ClientConn, what: str) -> Pending:
+        conn.send({"type": "error", "code": "not_in_topic",
+                   "text": f"you are in the lobby: /join a topic to {what}"})
+        return None
+
+    def cmd_me(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._in_lobby(conn, "talk")
+
+    def cmd_kick(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._in_lobby(conn, "kick someone from it")
+
+    def cmd_ban(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._in_lobby(conn, "ban someone from it")
+
+    def cmd_create(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._create_and_join(conn, cmd.arg)
+
+    async def _create_and_join(self, conn: ClientConn, name: str) -> None:
+        reply = await self.create_topic(name, conn.session.nick)
+        if not reply.get("ok"):
+            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
+            return
+        topic = reply["topic"]
+        conn.send({"type": "ok", "cmd": "create", "topic": topic,
+                   "text": f"topic {topic} created; you are its operator"})
+        await self._move_to(conn, topic)
+
+    def cmd_oper(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._oper_here(conn, cmd.arg, cmd.text)
+
+    async def _oper_here(self, conn: ClientConn, name: str, password: str) -> None:
+        reply = await self.oper(conn.session.sid, name, password)
+        if not reply.get("ok"):
+            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
+            return
+        conn.session.oper = True
+        kept = self.session_changed(conn)
+        if kept is not None:
+            await self.keeper.settled(kept)
+        conn.send({"type": "ok", "cmd": "oper", "text": "you are now a server operator"})
+
+    def cmd_drop(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._drop_here(conn, cmd.arg)
+
+    async def _drop_here(self, conn: ClientConn, name: str) -> None:
+        reply = await self.drop_topic(name, conn.session.nick, conn.session.oper, False)
+        if not reply.get("ok"):
+            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
+        else:
+            conn.send(reply["event"])
+
+    # -- topics made and dropped at run time, operators --------------------------------------
+
+    async def create_topic(self, name: str, creator: str) -> Message:
+        t = self.cfg.topics
+        if not t.allow_create:
+            return fail("not_allowed", "creating topics is turned off here")
+        if self.dir.topic_named(name) is not None:
+            return fail("topic_exists", f"topic {self.dir.topic_named(name)} already exists")
+        if len(self.dir.topics) >= t.max:
+            return fail("too_many_topics", f"there are already {t.max} topics, the most allowed")
+        self.dir.add_topic(name, creator)
+        await self.journal.append({"type": "topic", "name": name, "creator": creator})
+        self.unavailable.discard(name)
+        self._supervise_topic(name)
+        self.log.info("topic_created", created=name, creator=creator)
+        # The creator is moved in next: wait (bounded) until the new server answers.
+        deadline = time.monotonic() + self.cfg.supervision.start_timeout_ms / 1000
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ControlError):
+                reply = await control.request(self.server_ctl(name), {"op": "status"},
+                                              timeout=0.5)
+                if reply.get("ok") and reply["daemon"]["state"] == "ready":
+                    return ok(topic=name)
+            await asyncio.sleep(0.02)
+        return fail("unavailable", f"topic {name} was created but its server is slow to "
+                                   "start; try /join in a moment")
+
+    def topic_info(self, topic: str) -> Message:
+        name = self.dir.topic_named(topic)
+        if name is None:
+            return fail("no_such_topic", f"no topic {topic}")
+        return ok(topic=name, creator=self.dir.creators.get(name))
+
+    async def oper(self, sid: str, name: str, password: str) -> Message:
+        entry = next((o for o in self.cfg.operators if fold(o.name) == fold(name)), None)
+        # The hash is checked even for an unknown name, so timing does not tell names.
+        stored = entry.password_hash if entry else UNKNOWN_OPERATOR_HASH
+        loop = asyncio.get_running_loop()
+        good = await loop.run_in_executor(None, passwords.verify, password, stored)
+        if entry is None or not good:
+            self.log.warning("oper_failed", session=sid, name=name)
+            return fail("bad_password", "wrong operator name or password")
+        info = self.dir.sessions.get(sid)
+        if info is not None:
+            info.oper = True
+            self._save(info)
+        self.log.info("oper_granted", session=sid, name=entry.name)
+        return ok()
+
+    async def drop_topic(self, name: str, nick: str, oper: bool, op_here: bool) -> Message:
+        topic = self.dir.topic_named(name)
+        if topic is None:
+            return fail("no_such_topic", f"no topic {name}")
+        creator = self.dir.creators.get(topic, "")
+        if not (oper or op_here or (creator and fold(creator) == fold(nick))):
+            return fail("not_operator", f"only operators of {topic} can drop it")
+        notice = f"topic {topic} was dropped by {nick}; you are in the lobby"
+        with contextlib.suppress(ControlError):
+            await control.request(self.server_ctl(topic), {"op": "evacuate", "notice": notice},
+                                  timeout=10.0)
+        self.sup.forget(f"server-monitor@{topic}")
+        with contextlib.suppress(ControlError):
+            await control.request(self.d.paths.control(f"server-monitor@{topic}"),
+                                  {"op": "stop_child"}, timeout=15.0)
+        self.dir.drop_topic(topic)
+        self.unavailable.discard(topic)
+        await self.journal.append({"type": "topic_dropped", "name": topic})
+        wal = self.d.paths.wal(f"server@{topic}")
+        for leftover in (wal, wal.with_suffix(".fanout")):
+            leftover.unlink(missing_ok=True)  # forgotten: a new /create starts afresh
+        self.log.info("topic_dropped", dropped=topic, by=nick)
+        return ok(event={"type": "ok", "cmd": "drop", "topic": topic,
+                         "text": f"topic {topic} dropped"})
 
     def cmd_resume(self, conn: ClientConn, cmd: Command) -> Pending:
         info = self.dir.sessions.get(cmd.arg)
@@ -358,6 +499,7 @@ class Router(CommandHandler):
         self.keeper.drop(old)
         self._end(old)
         conn.session.sid, conn.session.nick = info.sid, info.nick
+        conn.session.oper = info.oper
         info.detached_at = None
         self.lobby[info.sid] = conn
         self._save(info)
@@ -375,9 +517,30 @@ class Router(CommandHandler):
         return None
 
     def cmd_who(self, conn: ClientConn, cmd: Command) -> Pending:
+        if cmd.arg:
+            return self._who_there(conn, cmd.arg)
         nicks = sorted((c.session.nick for c in self.lobby.values()), key=str.lower)
         conn.send({"type": "who", "topic": None, "members": nicks})
         return None
+
+    async def _who_there(self, conn: ClientConn, topic: str) -> None:
+        reply = await self.who(topic)
+        if reply.get("ok"):
+            conn.send(reply["event"])
+        else:
+            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
+
+    async def who(self, name: str) -> Message:
+        topic = self.dir.topic_named(name)
+        if topic is None:
+            return fail("no_such_topic", f"no topic {name}; topics: {', '.join(self.dir.topics)}")
+        try:
+            reply = control.check(await control.request(self.server_ctl(topic),
+                                                        {"op": "members"}))
+        except ControlError:
+            return fail("unavailable", f"topic {topic} is unavailable right now")
+        nicks = sorted((str(m["nick"]) for m in reply.get("members", [])), key=str.lower)
+        return ok(event={"type": "who", "topic": topic, "members": nicks})
 
     def cmd_msg(self, conn: ClientConn, cmd: Command) -> Pending:
         return self._dm(conn, cmd.arg, cmd.text)
@@ -433,6 +596,23 @@ class Router(CommandHandler):
                 if not isinstance(msg.get(key), str):
                     return fail("bad_request", f"dm.{key}: expected a string")
             return await self.deliver_dm(msg["from"], msg["to"], msg["text"])
+        if op == "topic_info":
+            return self.topic_info(str(msg.get("topic")))
+        if op == "who":
+            return await self.who(str(msg.get("topic")))
+        if op == "create_topic":
+            name, nick = msg.get("topic"), msg.get("nick")
+            if not isinstance(name, str) or not valid_name(name) or not isinstance(nick, str):
+                return fail("bad_request", "create_topic: expected a topic name and a nick")
+            return await self.create_topic(name, nick)
+        if op == "oper":
+            fields = [msg.get(k) for k in ("sid", "name", "password")]
+            if not all(isinstance(x, str) for x in fields):
+                return fail("bad_request", "oper: expected sid, name and password")
+            return await self.oper(*(str(x) for x in fields))
+        if op == "drop_topic":
+            return await self.drop_topic(str(msg.get("topic")), str(msg.get("nick")),
+                                         msg.get("oper") is True, msg.get("op_here") is True)
         if op == "topic_down":
             topic = msg.get("topic")
             if topic not in self.dir.topics:

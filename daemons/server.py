@@ -21,9 +21,10 @@ from daemons.daemon import Daemon
 from daemons.errors import ControlError, TheyChatError
 from daemons.fdstore import FdKeeper
 from daemons.journal import Journal
-from daemons.protocol import Command, fold
+from daemons.protocol import Command, fold, valid_name
 from daemons.render import Event, encode_json, encode_text
 from daemons.room import Room
+from daemons.watermark import Watermark
 
 DEFAULT_HISTORY_LINES = 20
 
@@ -40,6 +41,7 @@ class Server(CommandHandler):
         self._tasks: set[asyncio.Task[Any]] = set()
         self.keeper = FdKeeper(d.paths.control(f"server-monitor@{d.topic}"), d.log)
         self.journal: Journal
+        self.fanned: Watermark
         self.closing = False  # shutting down: connections end, but nobody left
 
     @property
@@ -70,9 +72,11 @@ class Server(CommandHandler):
         for rec in replay.records:
             self.room.apply(rec)
         in_log = set(self.room.members)
+        self.fanned = Watermark(d.paths.wals / f"{d.name}.fanout")
         ctl = control.ControlServer(d.paths.control(d.name), self.on_control, self.log)
         await self.restore_sockets()
         self.reconcile(in_log)
+        self.send_unsent()
         # Only now: a line sent during the outage must reach every member, so none may
         # be handled before all are back.
         for conn in list(self.conns.values()):
@@ -82,6 +86,7 @@ class Server(CommandHandler):
         self._background(self._tell_router(
             {"op": "server_hello", "topic": self.topic, "members": self.members()}
         ))
+        self._background(self._learn_creator())
         d.ready(members=len(self.conns), next_seq=self.room.next_seq)
         await d.stop.wait()
         self.log.info("daemon_stopping")
@@ -113,6 +118,21 @@ class Server(CommandHandler):
                 self._logged({"type": "join", "sid": session.sid, "nick": session.nick})
         self.log.info("fds_restored", count=len(items))
 
+    def send_unsent(self) -> None:
+        """Logged messages our previous incarnation died before fanning out: the members
+        still here get them now (their senders get the acknowledgement)."""
+        unsent = self.room.after(self.fanned.get())
+        for msg in unsent:
+            sender = msg.get("sid")
+            for sid, conn in self.conns.items():
+                if sid != sender:
+                    conn.send(self.room.public(msg))
+                elif conn.session.json:
+                    conn.send({"type": "sent", "topic": self.topic, "seq": msg["seq"]})
+        if unsent:
+            self.log.info("unsent_delivered", count=len(unsent), first=unsent[0]["seq"])
+        self.fanned.set(self.room.durable_seq)
+
     def reconcile(self, in_log: set[str]) -> None:
         """Members the log knows but whose socket is gone (our monitor died with us)
         leave, visibly; they can still /resume their session from the lobby."""
@@ -131,6 +151,18 @@ class Server(CommandHandler):
     def _logged(self, rec: dict[str, Any]) -> asyncio.Future[None]:
         return self.journal.append(rec)
 
+    async def _learn_creator(self) -> None:
+        """A topic made with /create has its creator as operator: keep that in our log."""
+        try:
+            reply = control.check(await control.request(
+                self.router_ctl, {"op": "topic_info", "topic": self.topic}))
+        except ControlError:
+            return
+        creator = reply.get("creator")
+        if isinstance(creator, str) and creator and not self.room.is_op(creator):
+            self.room.apply({"type": "op", "nick": creator})
+            self._logged({"type": "op", "nick": creator})
+
     def session_changed(self, conn: ClientConn) -> asyncio.Future[bool] | None:
         return self.keeper.store(conn.session.sid, None, conn.session.record())
 
@@ -139,11 +171,15 @@ class Server(CommandHandler):
 
     # -- fan-out ---------------------------------------------------------------------
 
-    def broadcast(self, event: Event, skip: str | None = None) -> None:
-        """Send one event to every member but `skip`, encoded once per mode."""
+    def broadcast(self, event: Event, skip: str | None = None,
+                  only: list[str] | None = None) -> None:
+        """Send one event to every member (or those in `only`) but `skip`, encoded once
+        per mode."""
         encoded: dict[bool, bytes] = {}
-        for sid, conn in list(self.conns.items()):
-            if sid == skip:
+        targets = [(s, self.conns.get(s)) for s in only] if only is not None else list(
+            self.conns.items())
+        for sid, conn in targets:
+            if sid == skip or conn is None:
                 continue
             mode = conn.session.json
             data = encoded.get(mode)
@@ -159,11 +195,20 @@ class Server(CommandHandler):
                         **extra}
         if reason:
             event["reason"] = reason
-        self._logged(rec).add_done_callback(lambda f: self._fan_out(f, event, skip))
+        # Those here now: a newcomer's `joined` list already shows this change.
+        here = list(self.conns)
+        self._logged(rec).add_done_callback(lambda f: self._fan_out(f, event, skip, here))
 
-    def _fan_out(self, durable: asyncio.Future[None], event: Event, skip: str | None) -> None:
-        if not durable.cancelled() and durable.exception() is None:
-            self.broadcast(event, skip=skip)
+    def _fan_out(self, durable: asyncio.Future[None], event: Event, skip: str | None,
+                 only: list[str] | None = None) -> None:
+        if durable.cancelled() or durable.exception() is not None:
+            return
+        if event["type"] == "message":
+            self.room.durable(event["seq"])
+            self.broadcast(self.room.public(event), skip=skip)
+            self.fanned.set(event["seq"])
+        else:
+            self.broadcast(event, skip=skip, only=only)
 
     # -- members arriving and leaving ------------------------------------------------------
 
@@ -176,20 +221,30 @@ class Server(CommandHandler):
         except ValueError:
             return fail("bad_request", "adopt.pending: expected hex")
         resume_after = msg.get("resume_after")
+        if self.room.banned(session.nick):
+            return fail("banned", f"you are banned from {self.topic}")
         conn = await attach(self, session, fds.pop(), self.cfg.clients, self.log)
+        # First our monitor holds a copy; only then is the client told anything (and
+        # the sender may drop its copy once we reply): a crash before this point leaves
+        # the socket with the sender, after it with us, never both, never neither.
+        await self.keeper.settled(self.keeper.store(session.sid, conn.fileno(), session.record()))
         self.room.add(session.sid, session.nick)
         self.conns[session.sid] = conn
-        # Reply (and so let the sender drop its copy) only once our monitor has one.
-        await self.keeper.settled(self.keeper.store(session.sid, conn.fileno(), session.record()))
-        self.log.info("client_joined", session=session.sid, nick=session.nick,
-                      came_from=msg.get("from"), pending_bytes=len(pending))
+        # What came before, then live: nothing between these lines and the fan-out can
+        # interleave (no await), and history holds only what was already sent out.
         conn.send({"type": "joined", "topic": self.topic, "members": self.room.nicks()})
         if isinstance(resume_after, int) and not isinstance(resume_after, bool):
-            # Missed while away: everything after the client's last seq, then live.
-            for missed in self.room.after(resume_after):
-                conn.send(missed)
+            for missed in self.room.after(resume_after):  # missed while away
+                conn.send(self.room.public(missed))
+        elif self.cfg.history.on_join:
+            conn.send({"type": "history", "topic": self.topic, "on_join": True,
+                       "messages": self.room.recent(self.cfg.history.on_join)})
         self.announce({"type": "join", "sid": session.sid, "nick": session.nick},
                       session.nick, "joined", skip=session.sid)
+        if isinstance(msg.get("notice"), str):
+            conn.send({"type": "notice", "text": msg["notice"]})
+        self.log.info("client_joined", session=session.sid, nick=session.nick,
+                      came_from=msg.get("from"), pending_bytes=len(pending))
         conn.start(pending)
         self._background(self._tell_router(
             {"op": "session_at", "sid": session.sid, "nick": session.nick, "topic": self.topic}
@@ -217,11 +272,14 @@ class Server(CommandHandler):
 
     # -- what members say and ask ------------------------------------------------------------
 
-    def say(self, conn: ClientConn, text: str) -> Pending:
+    def cmd_me(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self.say(conn, cmd.text, action=True)
+
+    def say(self, conn: ClientConn, text: str, action: bool = False) -> Pending:
         if not text:
             return None
         sid = conn.session.sid
-        msg = self.room.post(sid, text, time.time())
+        msg = self.room.post(sid, text, time.time(), action=action, sender=sid)
         # Fan out, and acknowledge, only what the log holds (group commit).
         durable = self._logged(self.room.record_of(msg))
         durable.add_done_callback(lambda f: self._fan_out(f, msg, sid))
@@ -236,13 +294,29 @@ class Server(CommandHandler):
             conn.send(ack)
 
     def cmd_who(self, conn: ClientConn, cmd: Command) -> Pending:
+        if cmd.arg and fold(cmd.arg) != fold(self.topic):
+            return self._ask_router(conn, {"op": "who", "topic": cmd.arg})
         conn.send({"type": "who", "topic": self.topic, "members": self.room.nicks()})
         return None
 
+    async def _ask_router(self, conn: ClientConn, msg: Message) -> None:
+        """Commands the router answers (it owns topics, nicks and operators): its reply
+        carries the event to show, or an error."""
+        reply = await control.request(self.router_ctl, {**msg, "sid": conn.session.sid,
+                                                        "nick": conn.session.nick,
+                                                        "oper": conn.session.oper})
+        if not reply.get("ok"):
+            conn.send({"type": "error", "code": reply.get("code", "error"),
+                       "text": str(reply.get("error"))})
+        elif isinstance(reply.get("event"), dict):
+            conn.send(reply["event"])
+
     def cmd_history(self, conn: ClientConn, cmd: Command) -> Pending:
-        n = cmd.number or DEFAULT_HISTORY_LINES
+        return self._history(conn, cmd.number or DEFAULT_HISTORY_LINES)
+
+    async def _history(self, conn: ClientConn, n: int) -> None:
+        await self.journal.caught_up()  # what this client just said is part of it
         conn.send({"type": "history", "topic": self.topic, "messages": self.room.recent(n)})
-        return None
 
     def cmd_topics(self, conn: ClientConn, cmd: Command) -> Pending:
         return self._topics(conn)
@@ -298,12 +372,111 @@ class Server(CommandHandler):
             conn.send({"type": "error", "code": "already_here",
                        "text": f"you are already in {self.topic}"})
             return None
-        topic = next((t for t in self.cfg.topics if fold(t) == fold(cmd.arg)), None)
+        return self._join(conn, cmd.arg)
+
+    async def _join(self, conn: ClientConn, name: str) -> None:
+        reply = control.check(await control.request(self.router_ctl, {"op": "topics"}))
+        names = [str(t) for t in reply.get("names", [])]
+        topic = next((t for t in names if fold(t) == fold(name)), None)
         if topic is None:
             conn.send({"type": "error", "code": "no_such_topic",
-                       "text": f"no topic {cmd.arg}; topics: {', '.join(self.cfg.topics)}"})
+                       "text": f"no topic {name}; topics: {', '.join(names)}"})
+            return
+        await self._move(conn, self.d.paths.control(f"server@{topic}"), topic)
+
+    def cmd_create(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._create(conn, cmd.arg)
+
+    async def _create(self, conn: ClientConn, name: str) -> None:
+        reply = await control.request(
+            self.router_ctl, {"op": "create_topic", "topic": name, "nick": conn.session.nick},
+            timeout=10.0)
+        if not reply.get("ok"):
+            conn.send({"type": "error", "code": reply.get("code", "error"),
+                       "text": str(reply.get("error"))})
+            return
+        topic = str(reply["topic"])
+        conn.send({"type": "ok", "cmd": "create", "topic": topic,
+                   "text": f"topic {topic} created; you are its operator"})
+        await self._move(conn, self.d.paths.control(f"server@{topic}"), topic)
+
+    def cmd_oper(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._oper(conn, cmd.arg, cmd.text)
+
+    async def _oper(self, conn: ClientConn, name: str, password: str) -> None:
+        reply = await control.request(self.router_ctl, {
+            "op": "oper", "sid": conn.session.sid, "name": name, "password": password})
+        if not reply.get("ok"):
+            conn.send({"type": "error", "code": reply.get("code", "error"),
+                       "text": str(reply.get("error"))})
+            return
+        conn.session.oper = True
+        kept = self.session_changed(conn)
+        if kept is not None:
+            await self.keeper.settled(kept)
+        conn.send({"type": "ok", "cmd": "oper", "text": "you are now a server operator"})
+
+    def is_op(self, conn: ClientConn) -> bool:
+        return conn.session.oper or self.room.is_op(conn.session.nick)
+
+    def _not_op(self, conn: ClientConn, what: str) -> None:
+        conn.send({"type": "error", "code": "not_operator",
+                   "text": f"only operators of {self.topic} can {what}"})
+
+    def cmd_kick(self, conn: ClientConn, cmd: Command) -> Pending:
+        if not self.is_op(conn):
+            self._not_op(conn, "kick")
             return None
-        return self._move(conn, self.d.paths.control(f"server@{topic}"), topic)
+        member = self.room.find(cmd.arg)
+        if member is None:
+            conn.send({"type": "error", "code": "no_such_nick",
+                       "text": f"{cmd.arg} is not in {self.topic}"})
+            return None
+        return self._kick(conn, self.conns[member.sid], cmd.text)
+
+    async def _kick(self, by: ClientConn, target: ClientConn, reason: str) -> None:
+        who, sid = target.session.nick, target.session.sid
+        why = f": {reason}" if reason else ""
+        notice = f"you were kicked from {self.topic} by {by.session.nick}{why}"
+        target.pause()  # its unread lines stay in the socket for the lobby
+        moved = await self._move(target, self.router_ctl, None, notice=notice,
+                                 kicked_by=by.session.nick, reason=reason)
+        if not moved:
+            by.send({"type": "error", "code": "unavailable",
+                     "text": f"could not move {who} out right now; try again"})
+            return
+        self.log.info("client_kicked", session=sid, nick=who, by=by.session.nick, reason=reason)
+        by.send({"type": "ok", "cmd": "kick", "nick": who, "text": f"{who} was kicked"})
+
+    def cmd_ban(self, conn: ClientConn, cmd: Command) -> Pending:
+        if not self.is_op(conn):
+            self._not_op(conn, "ban")
+            return None
+        return self._ban(conn, cmd.arg)
+
+    async def _ban(self, by: ClientConn, nick: str) -> None:
+        self.room.apply({"type": "ban", "nick": nick})
+        await self._logged({"type": "ban", "nick": nick, "by": by.session.nick})
+        self.log.info("client_banned", nick=nick, by=by.session.nick)
+        member = self.room.find(nick)
+        if member is not None and member.sid in self.conns:
+            await self._kick(by, self.conns[member.sid], "banned")
+        by.send({"type": "ok", "cmd": "ban", "nick": nick,
+                 "text": f"{nick} is banned from {self.topic}"})
+
+    def cmd_drop(self, conn: ClientConn, cmd: Command) -> Pending:
+        return self._ask_router(conn, {"op": "drop_topic", "topic": cmd.arg,
+                                       "op_here": self.is_op(conn)
+                                       and fold(cmd.arg) == fold(self.topic)})
+
+    async def evacuate(self, notice: str) -> int:
+        """The topic is being dropped: everyone goes back to the lobby, told why."""
+        moved = 0
+        for conn in list(self.conns.values()):
+            conn.pause()
+            if await self._move(conn, self.router_ctl, None, notice=notice):
+                moved += 1
+        return moved
 
     def cmd_resume(self, conn: ClientConn, cmd: Command) -> Pending:
         conn.send({"type": "error", "code": "not_in_lobby",
@@ -311,28 +484,44 @@ class Server(CommandHandler):
         return None
 
     def cmd_leave(self, conn: ClientConn, cmd: Command) -> Pending:
-        return self._move(conn, self.router_ctl, None)
+        return self._leave(conn)
 
-    async def _move(self, conn: ClientConn, target: Path, topic: str | None) -> None:
+    async def _leave(self, conn: ClientConn) -> None:
+        await self._move(conn, self.router_ctl, None)
+
+    async def _move(self, conn: ClientConn, target: Path, topic: str | None,
+                    notice: str | None = None, kicked_by: str | None = None,
+                    reason: str = "") -> bool:
         """Pass the member on to another topic's server, or back to the lobby."""
         sid, nick = conn.session.sid, conn.session.nick
         # Out of the fan-out first: what we wrote during the move would be lost with our
         # copy of the socket. The log hears of it only once the move happened.
         self.conns.pop(sid, None)
         self.room.remove(sid)
+        op: Message = {"op": "adopt", "from": self.topic}
+        if notice:
+            op["notice"] = notice
         try:
-            await conn.hand_over(target, {"op": "adopt", "from": self.topic})
+            witness = self.d.paths.control(
+                f"server-monitor@{topic}" if topic else "router-monitor")
+            await conn.hand_over(target, op, witness)
         except ControlError as e:
             self.room.add(sid, nick)
             self.conns[sid] = conn
             where = topic or "the lobby"
             self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
             conn.send(handoff_error(e, f"cannot move you to {where} right now; try again"))
-            return
+            conn.resume()
+            return False
         self.keeper.drop(sid)
-        reason = f"went to {topic}" if topic else "went to the lobby"
-        self.announce({"type": "leave", "sid": sid}, nick, "left", reason)
+        if kicked_by is not None:
+            self.announce({"type": "kick", "sid": sid, "nick": nick, "by": kicked_by,
+                           "reason": reason}, nick, "kicked", reason or None, by=kicked_by)
+        else:
+            why = f"went to {topic}" if topic else "went to the lobby"
+            self.announce({"type": "leave", "sid": sid}, nick, "left", why)
         self.log.info("handoff", session=sid, nick=nick, to=topic)
+        return True
 
     # -- control requests ------------------------------------------------------------------
 
@@ -345,6 +534,8 @@ class Server(CommandHandler):
             return await self.adopt(msg, fds)
         if op == "members":
             return ok(members=self.members())
+        if op == "evacuate":
+            return ok(moved=await self.evacuate(str(msg.get("notice", ""))))
         if op == "drop":  # the router gave this session to a newer connection
             conn = self.conns.get(str(msg.get("sid")))
             if conn is not None:
@@ -366,8 +557,8 @@ class Server(CommandHandler):
 
 
 async def main_async(d: Daemon) -> None:
-    if d.topic is None or d.topic not in d.cfg.topics:
-        raise TheyChatError(f"--topic: expected one of {', '.join(d.cfg.topics)}")
+    if d.topic is None or not valid_name(d.topic):
+        raise TheyChatError("--topic: expected a topic name (1-32 of A-Z a-z 0-9 _ -)")
     await Server(d).run()
 
 

@@ -11,11 +11,12 @@ Decisions come from `policy.decide`; starting processes goes through a
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from daemons import procs
 from daemons.config import Supervision
@@ -24,6 +25,8 @@ from daemons.paths import StatePaths
 from daemons.policy import RestartPolicy, decide, prune
 
 STARTING_POLL_MS = 20
+PIDFILE_POLL_S = 0.01  # waiting for a child that systemd starts to write its pid file
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,17 @@ class ChildSpec:
 
 
 class ProcessManager(Protocol):
-    def start(self, spec: ChildSpec) -> int:
-        """Start the child detached and return its pid."""
+    """How children are started; a backend may answer at once or asynchronously."""
+
+    def start(self, spec: ChildSpec) -> int | Awaitable[int | None] | None:
+        """Start the child detached and return its pid, or None when the pid is not
+        known yet (systemctl --no-block): the supervisor then waits, at most
+        start_timeout_ms, for the child's pid file to name a newer incarnation."""
+        ...
+
+    def stopped_on_purpose(self, spec: ChildSpec, pid: int) -> bool | Awaitable[bool]:
+        """After the child exited: True if it was asked to stop (`systemctl stop`), which
+        is no failure: it is not restarted, only adopted again when it comes back."""
         ...
 
 
@@ -49,6 +61,15 @@ class SpawnManager:
     def start(self, spec: ChildSpec) -> int:
         return procs.spawn(spec.args, self.paths.stderr(spec.name))
 
+    def stopped_on_purpose(self, spec: ChildSpec, pid: int) -> bool:
+        return False  # `theychat down` says so with the stopping marker instead
+
+
+async def _settle(value: T | Awaitable[T]) -> T:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
 
 @dataclass
 class Child:
@@ -60,6 +81,8 @@ class Child:
     recent: list[float] = field(default_factory=list)  # monotonic times of restarts
     state: str = "starting"  # starting | running | restarting | gave_up | stopped
     beats_at_start: int = 0  # watch.accepted when the current process was started
+    started_ms: int = 0  # monotonic ms when the current process was started
+    task: asyncio.Task[None] | None = None
 
     def status(self) -> dict[str, Any]:
         return {"name": self.spec.name, "role": self.spec.role, "topic": self.spec.topic,
@@ -98,7 +121,8 @@ class Supervisor:
         self.listener.watches[spec.name] = watch
         child = Child(spec, watch)
         self.children[spec.name] = child
-        self._tasks.append(asyncio.ensure_future(self._keep(child)))
+        child.task = asyncio.ensure_future(self._keep(child))
+        self._tasks.append(child.task)
         return child
 
     # -- one child's life ----------------------------------------------------------------
@@ -111,20 +135,61 @@ class Supervisor:
         self.log.info("child_adopted", child=child.spec.name, child_pid=rec.pid)
         return True
 
-    def _start(self, child: Child) -> None:
+    async def _start(self, child: Child) -> None:
         # A start that lost the race for the lock exits at once; the winner's pid file
         # names the process to watch instead.
         if not self._adopt(child):
-            pid = self.manager.start(child.spec)
-            child.pid, child.started, child.state = pid, procs.start_time(pid), "running"
-            self.log.info("child_started", child=child.spec.name, child_pid=pid)
+            before = procs.read_pidfile(self.paths.pidfile(child.spec.name))
+            pid = await _settle(self.manager.start(child.spec))
+            started = procs.start_time(pid) if pid is not None else None
+            if pid is None:  # started by someone else (systemd): its pid file will tell
+                rec = await self._new_incarnation(child, before, self.start_timeout_ms / 1000)
+                pid, started = (rec.pid, rec.start_time) if rec else (None, None)
+            child.pid, child.started, child.state = pid, started, "running"
+            if pid is None:
+                self.log.warning("child_start_timeout", child=child.spec.name,
+                                 timeout_ms=self.start_timeout_ms)
+            else:
+                self.log.info("child_started", child=child.spec.name, child_pid=pid)
         child.beats_at_start = child.watch.accepted
-        child.watch.reset(monotonic_ms())
+        child.started_ms = monotonic_ms()
+        child.watch.reset(child.started_ms)
+
+    async def _new_incarnation(self, child: Child, before: procs.PidRecord | None,
+                               timeout_s: float | None) -> procs.PidRecord | None:
+        """The live process the child's pid file names, once it is not `before` (dead);
+        None if none appears within `timeout_s` (None: wait as long as it takes)."""
+        floor = 0 if before is None else before.incarnation - (1 if before.alive() else 0)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while deadline is None or time.monotonic() < deadline:
+            rec = procs.read_pidfile(self.paths.pidfile(child.spec.name))
+            if rec is not None and rec.incarnation > floor and rec.alive():
+                return rec
+            await asyncio.sleep(PIDFILE_POLL_S)
+        return None
+
+    async def _until_back(self, child: Child) -> None:
+        """The child was stopped on purpose: no restart; watch it again once it is back."""
+        child.state = "stopped"
+        self.log.info("child_stopped", child=child.spec.name, child_pid=child.pid)
+        gone = procs.read_pidfile(self.paths.pidfile(child.spec.name))
+        rec = await self._new_incarnation(child, gone, None)
+        assert rec is not None  # no deadline: only a live process ends the wait
+        child.pid, child.started, child.state = rec.pid, rec.start_time, "running"
+        self.log.info("child_adopted", child=child.spec.name, child_pid=rec.pid)
+        child.beats_at_start = child.watch.accepted
+        child.started_ms = monotonic_ms()
+        child.watch.reset(child.started_ms)
 
     async def _keep(self, child: Child) -> None:
-        self._start(child)
+        await self._start(child)
         while True:
             cause = await self._until_dead(child)
+            if cause == "exit" and child.pid is not None and await _settle(
+                self.manager.stopped_on_purpose(child.spec, child.pid)
+            ):
+                await self._until_back(child)
+                continue
             declared = time.monotonic()
             last = child.watch.last_beat
             self.log.warning("peer_declared_dead", child=child.spec.name, child_pid=child.pid,
@@ -152,7 +217,7 @@ class Supervisor:
             if self.stopping():
                 child.state = "stopped"
                 return
-            self._start(child)
+            await self._start(child)
             child.restarts += 1
             child.recent.append(declared)
             self._tasks.append(asyncio.ensure_future(self._report_restarted(child, declared)))
@@ -162,25 +227,33 @@ class Supervisor:
         return child.watch.timeout_ms - child.watch.remaining_ms(monotonic_ms())
 
     async def _until_dead(self, child: Child) -> str:
-        """'exit' when the process ends, 'timeout' when its heartbeats stop."""
-        assert child.pid is not None
+        """'exit' when the process ends, 'timeout' when its heartbeats stop,
+        'start_timeout' when a start never produced a process."""
+        if child.pid is None:
+            return "start_timeout"
         exited = asyncio.ensure_future(procs.wait_exit(child.pid, child.started))
         try:
             while True:
                 now = monotonic_ms()
-                starting = child.watch.accepted == child.beats_at_start
-                # A (re)started child gets longer for its first beat: imports, WAL replay.
-                grace = self.start_timeout_ms - self.timeout_ms if starting else 0
-                remaining = child.watch.remaining_ms(now) + grace
+                if child.watch.accepted == child.beats_at_start:
+                    # Not a beat yet from this process: it gets longer (imports, replay),
+                    # and we look again soon so the short timeout applies once it beats.
+                    remaining = child.started_ms + self.start_timeout_ms - now
+                    wait_ms = min(remaining, STARTING_POLL_MS)
+                else:
+                    remaining = wait_ms = child.watch.remaining_ms(now)
                 if remaining <= 0:
                     return "timeout"
-                # Once it beats, sleep exactly until its watch would expire (a beat
-                # meanwhile pushes that further); while it starts, look again soon so
-                # the short timeout applies from its first beat on.
-                wait_ms = min(remaining, STARTING_POLL_MS) if starting else remaining
                 done, _ = await asyncio.wait({exited}, timeout=wait_ms / 1000)
                 if done:
                     return "exit"
+                late = monotonic_ms() - now - wait_ms
+                if late > self.timeout_ms:
+                    # We were frozen ourselves (SIGSTOP, a stalled host): the silence
+                    # is ours, not the child's. Give it a fresh timeout.
+                    self.log.warning("supervisor_stalled", child=child.spec.name,
+                                     stalled_ms=late)
+                    child.watch.reset(monotonic_ms())
         finally:
             exited.cancel()
 
@@ -207,6 +280,28 @@ class Supervisor:
         self.log.info("restarted", child=child.spec.name, child_pid=child.pid,
                       restarts=child.restarts,
                       recovery_ms=round((time.monotonic() - declared) * 1000, 1))
+
+    def forget(self, name: str) -> Child | None:
+        """Stop watching a child (it will not be restarted); the process is untouched."""
+        child = self.children.pop(name, None)
+        self.listener.watches.pop(name, None)
+        if child is not None and child.task is not None:
+            child.task.cancel()
+        return child
+
+    async def stop(self, name: str, timeout: float = 10.0) -> None:
+        """Forget a child, then end it: SIGTERM, and SIGKILL if it does not go in time."""
+        child = self.forget(name)
+        if child is None or child.pid is None:
+            return
+        child.state = "stopped"
+        rec = procs.PidRecord(child.pid, child.started or 0)
+        procs.signal_process(rec, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                await procs.wait_exit(child.pid, child.started)
+        except TimeoutError:
+            procs.signal_process(rec, signal.SIGKILL)
 
     def status(self) -> list[dict[str, Any]]:
         return [c.status() for c in self.children.values()]

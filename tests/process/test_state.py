@@ -188,7 +188,7 @@ def test_the_line_client_reconnects_and_resumes_by_itself(make_tree) -> None:  #
         other2.send("said while c45 was away")
         chat.stdin.write(b"typed after the crash\n")
         chat.stdin.flush()
-        assert other2.expect("c45:") == "[rust] c45: typed after the crash"
+        assert other2.expect(r"\] c45: typed") == "[rust] c45: typed after the crash"
         chat.stdin.write(b"/who\n")
         chat.stdin.close()
         assert chat.wait(timeout=WAIT_S) == 0

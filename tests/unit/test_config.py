@@ -32,7 +32,7 @@ def test_defaults() -> None:
     assert cfg.state_dir is None
     assert cfg.listen.host == "127.0.0.1"
     assert cfg.listen.port == 7000
-    assert cfg.topics == ["general", "random"]
+    assert cfg.topics.names == ["general", "random"]
     assert cfg.heartbeat.interval_ms == 100
     assert cfg.heartbeat.timeout_ms == 500
     assert cfg.log.level == "info"
@@ -52,8 +52,8 @@ def test_load_none_is_defaults() -> None:
 
 def test_default_topics_are_not_shared() -> None:
     a, b = Config(), Config()
-    a.topics.append("x")
-    assert b.topics == ["general", "random"]
+    a.topics.names.append("x")
+    assert b.topics.names == ["general", "random"]
 
 
 # --------------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_nested_partial_mapping_keeps_other_defaults() -> None:
     assert cfg.listen.host == "127.0.0.1"
     assert cfg.heartbeat.timeout_ms == 900
     assert cfg.heartbeat.interval_ms == 100
-    assert cfg.topics == ["rust", "python"]
+    assert cfg.topics.names == ["rust", "python"]
     assert cfg.log.level == "debug"
     assert cfg.clients == Config().clients
 
@@ -126,8 +126,15 @@ def test_unknown_top_level_key_named() -> None:
         ({"listen": {"host": 5}}, "listen.host: expected a string, got 5"),
         ({"state_dir": ["a"]}, "state_dir: expected a string, got list"),
         ({"listen": "0.0.0.0:7000"}, "listen: expected a mapping, got '0.0.0.0:7000'"),
-        ({"topics": "general"}, "topics: expected a list, got 'general'"),
-        ({"topics": {"a": 1}}, "topics: expected a list, got dict"),
+        ({"topics": "general"}, "topics: expected a mapping, got 'general'"),
+        ({"topics": {"a": 1}}, "topics.a: unknown key (known keys here: allow_create, max, names)"),
+        ({"topics": {"names": ["ok", "b d"]}},
+         "topics.names[1]: 'b d' is not 1-32 of A-Z a-z 0-9 _ -"),
+        ({"topics": {"allow_create": "yes"}},
+         "topics.allow_create: expected true or false, got 'yes'"),
+        ({"operators": [{"name": "root", "password_hash": "hunter2"}]},
+         "operators[0].password_hash: expected a hash made by `theychat hash-password` "
+         "(never the password itself)"),
         ({"topics": ["ok", 5]}, "topics[1]: expected a string, got 5"),
     ],
 )
@@ -280,7 +287,7 @@ def test_load_valid_file(tmp_path: Path) -> None:
     path.write_text("listen:\n  port: 7001\ntopics: [rust]\nheartbeat:\n  interval_ms: 50\n")
     cfg = load(str(path))
     assert cfg.listen.port == 7001
-    assert cfg.topics == ["rust"]
+    assert cfg.topics.names == ["rust"]
     assert cfg.heartbeat.interval_ms == 50
 
 

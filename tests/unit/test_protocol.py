@@ -311,6 +311,12 @@ class TestParse:
             ("/help /JOIN", Command("help", arg="join")),
             ("/quit", Command("quit")),
             ("/resume 0a1b2c", Command("resume", arg="0a1b2c", number=None)),
+            ("/who rust", Command("who", arg="rust")),
+            ("/me waves \x1b[31mhi", Command("me", text="waves hi")),
+            ("/kick bob", Command("kick", arg="bob", text="")),
+            ("/kick bob stop spamming", Command("kick", arg="bob", text="stop spamming")),
+            ("/oper root two words", Command("oper", arg="root", text="two words")),
+            ("/create go", Command("create", arg="go")),
             ("/resume 0a1b2c 42", Command("resume", arg="0a1b2c", number=42)),
             ("/resume 0a1b2c 0", Command("resume", arg="0a1b2c", number=0)),
         ],
@@ -323,7 +329,9 @@ class TestParse:
             "nick": "/nick alice", "topics": "/topics", "join": "/join rust",
             "leave": "/leave", "who": "/who", "msg": "/msg bob hi",
             "history": "/history 3", "json": "/json off", "help": "/help msg",
-            "quit": "/quit", "resume": "/resume 3f9a 7",
+            "quit": "/quit", "resume": "/resume 3f9a 7", "me": "/me waves",
+            "create": "/create go", "oper": "/oper root pw", "kick": "/kick bob spam",
+            "ban": "/ban bob", "drop": "/drop go",
         }
         assert set(samples) == set(COMMANDS), "a command was added: give it a sample"
         for name, line in samples.items():
@@ -344,7 +352,7 @@ class TestParse:
         "line",
         [
             "/nick", "/nick a b", "/join", "/join a b", "/msg", "/msg bob", "/msg bob   ",
-            "/msg bob \x1b[0m", "/topics x", "/leave now", "/who all", "/quit now",
+            "/msg bob \x1b[0m", "/topics x", "/leave now", "/who a b", "/quit now",
             "/json maybe", "/history 0", "/history -1", "/history x", "/history 1.5",
             f"/history {HISTORY_MAX + 1}", "/help nosuch",
         ],

@@ -53,7 +53,7 @@ def test_post_uses_current_nick() -> None:
 def test_history_bounded() -> None:
     room = room_with("alice", history_size=3)
     for i in range(5):
-        room.post("s0", f"m{i}", float(i))
+        room.durable(room.post("s0", f"m{i}", float(i))["seq"])
     assert [m["text"] for m in room.history] == ["m2", "m3", "m4"]
     assert [m["seq"] for m in room.recent(10)] == [3, 4, 5]
 
@@ -69,7 +69,7 @@ def test_history_size_zero_keeps_nothing_but_still_numbers() -> None:
 def test_recent() -> None:
     room = room_with("alice")
     for i in range(5):
-        room.post("s0", f"m{i}", 0)
+        room.durable(room.post("s0", f"m{i}", 0)["seq"])
     assert [m["text"] for m in room.recent(2)] == ["m3", "m4"]
     assert [m["text"] for m in room.recent(5)] == ["m0", "m1", "m2", "m3", "m4"]
     assert len(room.recent(100)) == 5
@@ -79,7 +79,7 @@ def test_recent() -> None:
 
 def test_recent_is_a_copy() -> None:
     room = room_with("alice")
-    room.post("s0", "x", 0)
+    room.durable(room.post("s0", "x", 0)["seq"])
     room.recent(1).clear()
     assert len(room.recent(1)) == 1
 
@@ -263,3 +263,21 @@ def test_bucket_sustained_rate() -> None:
     allowed = sum(bucket.allow(t / 100) for t in range(1000))  # 10 s, polled every 10 ms
     # the initial burst, then 5 per second for 9.99 s
     assert 3 + 49 <= allowed <= 3 + 50
+
+
+def test_history_shows_only_what_was_sent_out() -> None:
+    room = room_with("alice")
+    first = room.post("s0", "sent", 0)
+    room.durable(first["seq"])
+    room.post("s0", "not yet durable", 0)
+    assert [m["text"] for m in room.recent(10)] == ["sent"]
+    assert room.after(0) == [first]
+
+
+def test_ops_and_bans_survive_a_snapshot() -> None:
+    room = room_with("alice")
+    room.apply({"type": "op", "nick": "Alice"})
+    room.apply({"type": "ban", "nick": "Mallory"})
+    again = Room("rust", 10)
+    again.restore(room.snapshot())
+    assert again.is_op("alice") and again.banned("MALLORY") and not again.banned("alice")
