@@ -70,6 +70,8 @@ def handoff_error(e: ControlError, unavailable: str) -> render.Event:
     """What a person is told when a move to a topic or the lobby did not happen."""
     if e.code == "flooding":
         return render.error("flooding", "too much unread input; slow down and try again")
+    if e.code == "banned":
+        return render.error("banned", str(e))
     if e.code == "slow_client":
         return render.error("slow_client", "you are not reading what we send; try again")
     return render.error("unavailable", unavailable)

@@ -153,6 +153,6 @@ class Directory:
     def counts(self) -> list[dict[str, object]]:
         tally = {t: 0 for t in self.topics}
         for s in self.sessions.values():
-            if s.topic in tally:
+            if s.topic in tally and s.detached_at is None:  # here now, not away
                 tally[s.topic] += 1
         return [{"name": t, "members": n} for t, n in tally.items()]

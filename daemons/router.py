@@ -442,6 +442,10 @@ class Router(CommandHandler):
         creator = self.dir.creators.get(topic, "")
         if not (oper or op_here or (creator and fold(creator) == fold(nick))):
             return fail("not_operator", f"only operators of {topic} can drop it")
+        # Forgotten first: nobody can join it while its members are moved out.
+        self.dir.drop_topic(topic)
+        self.unavailable.discard(topic)
+        await self.journal.append({"type": "topic_dropped", "name": topic})
         notice = f"topic {topic} was dropped by {nick}; you are in the lobby"
         with contextlib.suppress(ControlError):
             await control.request(self.server_ctl(topic), {"op": "evacuate", "notice": notice},
@@ -450,9 +454,6 @@ class Router(CommandHandler):
         with contextlib.suppress(ControlError):
             await control.request(self.d.paths.control(f"server-monitor@{topic}"),
                                   {"op": "stop_child"}, timeout=15.0)
-        self.dir.drop_topic(topic)
-        self.unavailable.discard(topic)
-        await self.journal.append({"type": "topic_dropped", "name": topic})
         wal = self.d.paths.wal(f"server@{topic}")
         for leftover in (wal, wal.with_suffix(".fanout")):
             leftover.unlink(missing_ok=True)  # forgotten: a new /create starts afresh

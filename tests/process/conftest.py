@@ -116,7 +116,9 @@ def make_config(extra: dict[str, Any] | None = None) -> tuple[Path, Path, int]:
         "topics": ["rust", "python"],
     }
     for key, value in (extra or {}).items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and isinstance(cfg.get(key), list):
+            cfg[key] = {"names": cfg[key], **value}  # `topics` in its long form
+        elif isinstance(value, dict):
             cfg.setdefault(key, {}).update(value)
         else:
             cfg[key] = value
