@@ -273,7 +273,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         cfg = config.load(args.config)
         host = host or cfg.listen.host
         port = port or cfg.listen.port
-    return chat.run(host, port, args.reconnect_for)
+    return chat.run(host, port, args.reconnect_for, chat.tls_from_args(args))
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -312,6 +312,9 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("port", nargs="?", type=int)
     chat.add_argument("--reconnect-for", type=float, default=300.0, metavar="SECONDS",
                       help="after a lost connection, keep trying this long, then resume")
+    from client.chat import add_tls_options
+
+    add_tls_options(chat)
     sub.add_parser("hash-password", help="hash an operator password (read from stdin)")
     sd = sub.add_parser("install-systemd",
                         help="install the systemd units and /etc/theychat/theychat.yaml")

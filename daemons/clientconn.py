@@ -92,6 +92,7 @@ class ClientConn(asyncio.Protocol):
         self._dropped_in_a_row = 0
         self._task: asyncio.Future[None] | None = None  # the command now running
         self.peer = ""
+        self.peer_hint = ""  # who is really behind a bridged (TLS) connection
 
     def fileno(self) -> int:
         assert self.transport is not None
@@ -104,7 +105,8 @@ class ClientConn(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = self.peer_hint or (
+            f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
         if self.busy:
             transport.pause_reading()
         if self._on_made:

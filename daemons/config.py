@@ -30,9 +30,21 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class Tls:
+    cert: str | None = None  # PEM certificate chain; TLS is on when cert and key are set
+    key: str | None = None
+    plain_port: int | None = field(default=None, metadata=_range(1, 65535))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True)
 class Listen:
     host: str = "127.0.0.1"
     port: int = field(default=7000, metadata=_range(1, 65535))
+    tls: Tls = field(default_factory=Tls)
 
 
 @dataclass(frozen=True)
@@ -230,6 +242,13 @@ def _check(cfg: Config, topics_key: str) -> None:
         )
     if not cfg.listen.host:
         raise ConfigError("listen.host: must not be empty")
+    tls = cfg.listen.tls
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError("listen.tls: set both cert and key, or neither")
+    if tls.plain_port is not None and not tls.enabled:
+        raise ConfigError("listen.tls.plain_port: only with listen.tls.cert and key")
+    if tls.plain_port == cfg.listen.port:
+        raise ConfigError("listen.tls.plain_port: must differ from listen.port")
 
 
 def from_mapping(data: Any) -> Config:

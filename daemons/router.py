@@ -29,6 +29,7 @@ from daemons.fdstore import FdKeeper
 from daemons.journal import Journal
 from daemons.protocol import Command, fold, valid_name
 from daemons.supervisor import Child, ChildSpec, Supervisor
+from daemons.tlsbridge import TlsBridge, server_context
 
 LISTENER = "listener"  # fd store key of the client port's listening socket
 # Checked against when /oper names no operator, so a wrong name costs as long as a wrong
@@ -89,6 +90,16 @@ class Router(CommandHandler):
         await ctl.start()
         await self.reconcile_all()
         for conn in restored:
+            info = self.dir.sessions.get(conn.session.sid)
+            if info is not None and info.topic is not None:
+                # Handed to a server just before our death (our monitor had not heard
+                # the drop yet): the server owns it now, so let go of our copy.
+                self.keeper.drop(conn.session.sid)
+                conn.detached = True
+                assert conn.transport is not None
+                conn.transport.abort()
+                self.log.info("fd_released", session=conn.session.sid, owner=info.topic)
+                continue
             self.lobby[conn.session.sid] = conn
         for info in self.dir.in_topic(None):  # lobby sessions whose socket is gone
             if info.sid not in self.lobby and info.detached_at is None:
@@ -104,12 +115,13 @@ class Router(CommandHandler):
                                d.child_args("daemons.router_monitor")))
         for topic in self.dir.topics:
             self._supervise_topic(topic)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._new_conn, sock=listener)
-        d.ready(host=self.cfg.listen.host, port=listener.getsockname()[1])
+        servers = await self._serve_clients(listener)
+        d.ready(host=self.cfg.listen.host, port=listener.getsockname()[1],
+                tls=self.cfg.listen.tls.enabled)
         await d.stop.wait()
         self.log.info("daemon_stopping")
-        server.close()
+        for server in servers:
+            server.close()
         # A shutdown is not a departure: the log keeps these sessions as they are, and
         # the next start finds their sockets gone and keeps them resumable.
         lobby, self.lobby = self.lobby, {}
@@ -228,6 +240,27 @@ class Router(CommandHandler):
                 self._save(self.dir.detach(info.sid, now))
 
     # -- the lobby -------------------------------------------------------------------
+
+    async def _serve_clients(self, listener: socket.socket) -> list[asyncio.Server]:
+        loop = asyncio.get_running_loop()
+        tls = self.cfg.listen.tls
+        if not tls.enabled:
+            return [await loop.create_server(self._new_conn, sock=listener)]
+        assert tls.cert and tls.key
+        ctx = server_context(tls.cert, tls.key)
+        servers = [await loop.create_server(
+            lambda: TlsBridge(self._tls_client, self.cfg.clients), sock=listener, ssl=ctx)]
+        if tls.plain_port:  # plain text stays on loopback, whatever listen.host says
+            plain = bind_listener("127.0.0.1", tls.plain_port)
+            servers.append(await loop.create_server(self._new_conn, sock=plain))
+        return servers
+
+    def _tls_client(self, inner: socket.socket, peer: str) -> None:
+        """A TLS client, as the inner end of its bridge: from here on like any other."""
+        conn = self._new_conn()
+        conn.peer_hint = peer
+        self._background(asyncio.get_running_loop().connect_accepted_socket(
+            lambda: conn, inner))
 
     def _new_conn(self) -> ClientConn:
         sid = secrets.token_hex(8)
@@ -597,6 +630,15 @@ class Router(CommandHandler):
                 if not isinstance(msg.get(key), str):
                     return fail("bad_request", f"dm.{key}: expected a string")
             return await self.deliver_dm(msg["from"], msg["to"], msg["text"])
+        if op == "locate":  # a restarted server checks which restored sockets are its own
+            sids = msg.get("sids")
+            if not isinstance(sids, list):
+                return fail("bad_request", "locate: expected a list of sids")
+            where = {}
+            for sid in sids:
+                info = self.dir.sessions.get(str(sid))
+                where[str(sid)] = None if info is None else (info.topic or "")
+            return ok(where=where)
         if op == "topic_info":
             return self.topic_info(str(msg.get("topic")))
         if op == "who":

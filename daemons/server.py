@@ -105,11 +105,19 @@ class Server(CommandHandler):
         except ControlError as e:
             self.log.warning("fds_unavailable", error=str(e))
             return
-        for _key, fd, meta in items:
+        elsewhere = await self._moved_elsewhere([str(k) for k, _, _ in items])
+        for key, fd, meta in items:
             try:
                 session = Session.from_record(meta)
             except ControlError:
                 os.close(fd)
+                continue
+            if key in elsewhere:
+                # Moved on just before our death (our monitor had not heard the drop
+                # yet): its new owner has it, so let go of our copy.
+                os.close(fd)
+                self.keeper.drop(key)
+                self.log.info("fd_released", session=key, owner=elsewhere[key] or "lobby")
                 continue
             conn = await attach(self, session, fd, self.cfg.clients, self.log)
             self.conns[session.sid] = conn
@@ -132,6 +140,19 @@ class Server(CommandHandler):
         if unsent:
             self.log.info("unsent_delivered", count=len(unsent), first=unsent[0]["seq"])
         self.fanned.set(self.room.durable_seq)
+
+    async def _moved_elsewhere(self, sids: list[str]) -> dict[str, str]:
+        """Restored sessions the router places somewhere else ('' = the lobby)."""
+        if not sids:
+            return {}
+        try:
+            reply = control.check(await control.request(
+                self.router_ctl, {"op": "locate", "sids": sids}, timeout=1.0))
+        except ControlError:
+            return {}  # the router cannot say: keep them; they were ours
+        where = reply.get("where", {})
+        return {sid: str(where[sid]) for sid in sids
+                if isinstance(where.get(sid), str) and where[sid] != self.topic}
 
     def reconcile(self, in_log: set[str]) -> None:
         """Members the log knows but whose socket is gone (our monitor died with us)
