@@ -14,6 +14,7 @@ from typing import Any
 from daemons import render
 from daemons.clientconn import ClientConn
 from daemons.errors import ControlError
+from daemons.fdstore import FdKeeper
 from daemons.protocol import Command, Say, help_lines
 
 Pending = Awaitable[None] | None
@@ -21,6 +22,7 @@ Pending = Awaitable[None] | None
 
 class CommandHandler:
     log: Any
+    keeper: FdKeeper
 
     def handle(self, conn: ClientConn, item: Say | Command) -> Pending:
         if isinstance(item, Say):
@@ -56,6 +58,26 @@ class CommandHandler:
         conn.send({"type": "bye", "text": "bye"})
         conn.close("quit")
         return None
+
+    @staticmethod
+    def failed(conn: ClientConn, reply: dict[str, Any]) -> bool:
+        """Show a peer daemon's refusal to the person; True if it was one."""
+        if reply.get("ok"):
+            return False
+        conn.send(render.error(str(reply.get("code") or "error"), str(reply.get("error"))))
+        return True
+
+    def show(self, conn: ClientConn, reply: dict[str, Any]) -> None:
+        """A peer daemon's answer to a command: its refusal, or the event it carries."""
+        if not self.failed(conn, reply) and isinstance(reply.get("event"), dict):
+            conn.send(reply["event"])
+
+    async def became_oper(self, conn: ClientConn) -> None:
+        conn.session.oper = True
+        kept = self.session_changed(conn)
+        if kept is not None:
+            await self.keeper.settled(kept)
+        conn.send({"type": "ok", "cmd": "oper", "text": "you are now a server operator"})
 
     @staticmethod
     def dm_event(sender: str, to: str, text: str, ts: float) -> render.Event:

@@ -387,8 +387,7 @@ class Router(CommandHandler):
 
     async def _create_and_join(self, conn: ClientConn, name: str) -> None:
         reply = await self.create_topic(name, conn.session.nick)
-        if not reply.get("ok"):
-            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
+        if self.failed(conn, reply):
             return
         topic = reply["topic"]
         conn.send({"type": "ok", "cmd": "create", "topic": topic,
@@ -400,24 +399,14 @@ class Router(CommandHandler):
 
     async def _oper_here(self, conn: ClientConn, name: str, password: str) -> None:
         reply = await self.oper(conn.session.sid, name, password)
-        if not reply.get("ok"):
-            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
-            return
-        conn.session.oper = True
-        kept = self.session_changed(conn)
-        if kept is not None:
-            await self.keeper.settled(kept)
-        conn.send({"type": "ok", "cmd": "oper", "text": "you are now a server operator"})
+        if not self.failed(conn, reply):
+            await self.became_oper(conn)
 
     def cmd_drop(self, conn: ClientConn, cmd: Command) -> Pending:
         return self._drop_here(conn, cmd.arg)
 
     async def _drop_here(self, conn: ClientConn, name: str) -> None:
-        reply = await self.drop_topic(name, conn.session.nick, conn.session.oper, False)
-        if not reply.get("ok"):
-            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
-        else:
-            conn.send(reply["event"])
+        self.show(conn, await self.drop_topic(name, conn.session.nick, conn.session.oper, False))
 
     # -- topics made and dropped at run time, operators --------------------------------------
 
@@ -558,11 +547,7 @@ class Router(CommandHandler):
         return None
 
     async def _who_there(self, conn: ClientConn, topic: str) -> None:
-        reply = await self.who(topic)
-        if reply.get("ok"):
-            conn.send(reply["event"])
-        else:
-            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
+        self.show(conn, await self.who(topic))
 
     async def who(self, name: str) -> Message:
         topic = self.dir.topic_named(name)
@@ -581,10 +566,8 @@ class Router(CommandHandler):
 
     async def _dm(self, conn: ClientConn, to: str, text: str) -> None:
         reply = await self.deliver_dm(conn.session.nick, to, text)
-        if reply.get("ok"):
+        if not self.failed(conn, reply):
             self.dm_sent(conn, reply["to"])
-        else:
-            conn.send({"type": "error", "code": reply["code"], "text": reply["error"]})
 
     async def deliver_dm(self, sender: str, to: str, text: str) -> Message:
         info = self.dir.find_nick(to)

@@ -326,11 +326,7 @@ class Server(CommandHandler):
         reply = await control.request(self.router_ctl, {**msg, "sid": conn.session.sid,
                                                         "nick": conn.session.nick,
                                                         "oper": conn.session.oper})
-        if not reply.get("ok"):
-            conn.send({"type": "error", "code": reply.get("code", "error"),
-                       "text": str(reply.get("error"))})
-        elif isinstance(reply.get("event"), dict):
-            conn.send(reply["event"])
+        self.show(conn, reply)
 
     def cmd_history(self, conn: ClientConn, cmd: Command) -> Pending:
         return self._history(conn, cmd.number or DEFAULT_HISTORY_LINES)
@@ -353,9 +349,7 @@ class Server(CommandHandler):
         reply = await control.request(
             self.router_ctl, {"op": "nick", "sid": conn.session.sid, "nick": nick}
         )
-        if not reply.get("ok"):
-            conn.send({"type": "error", "code": reply.get("code", "error"),
-                       "text": str(reply.get("error"))})
+        if self.failed(conn, reply):
             return
         if conn.session.sid not in self.conns:
             return  # left while we asked
@@ -382,11 +376,8 @@ class Server(CommandHandler):
         reply = await control.request(
             self.router_ctl, {"op": "dm", "from": conn.session.nick, "to": to, "text": text}
         )
-        if reply.get("ok"):
+        if not self.failed(conn, reply):
             self.dm_sent(conn, str(reply.get("to", to)))
-        else:
-            conn.send({"type": "error", "code": reply.get("code", "error"),
-                       "text": str(reply.get("error"))})
 
     def cmd_join(self, conn: ClientConn, cmd: Command) -> Pending:
         if fold(cmd.arg) == fold(self.topic):
@@ -412,9 +403,7 @@ class Server(CommandHandler):
         reply = await control.request(
             self.router_ctl, {"op": "create_topic", "topic": name, "nick": conn.session.nick},
             timeout=10.0)
-        if not reply.get("ok"):
-            conn.send({"type": "error", "code": reply.get("code", "error"),
-                       "text": str(reply.get("error"))})
+        if self.failed(conn, reply):
             return
         topic = str(reply["topic"])
         conn.send({"type": "ok", "cmd": "create", "topic": topic,
@@ -427,15 +416,8 @@ class Server(CommandHandler):
     async def _oper(self, conn: ClientConn, name: str, password: str) -> None:
         reply = await control.request(self.router_ctl, {
             "op": "oper", "sid": conn.session.sid, "name": name, "password": password})
-        if not reply.get("ok"):
-            conn.send({"type": "error", "code": reply.get("code", "error"),
-                       "text": str(reply.get("error"))})
-            return
-        conn.session.oper = True
-        kept = self.session_changed(conn)
-        if kept is not None:
-            await self.keeper.settled(kept)
-        conn.send({"type": "ok", "cmd": "oper", "text": "you are now a server operator"})
+        if not self.failed(conn, reply):
+            await self.became_oper(conn)
 
     def is_op(self, conn: ClientConn) -> bool:
         return conn.session.oper or self.room.is_op(conn.session.nick)
