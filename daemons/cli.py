@@ -192,8 +192,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(f"TheyChat did not become ready in {START_TIMEOUT_S:.0f}s: {late}")
     # The root of the tree from now on: restarts the router pair if both die at once.
     procs.spawn(["-m", "daemons.manager", *argv[2:]], paths.stderr("manager"))
+    hint = (f"theychat chat --tls {host} {port}" if cfg.listen.tls.enabled
+            else f"nc {host} {port}")
     print(f"TheyChat is up: {len(rows)} daemons, clients connect to {host}:{port} "
-          f"(try: nc {host} {port}); state in {paths.root}", flush=True)
+          f"(try: {hint}); state in {paths.root}", flush=True)
     if args.foreground:
         return _foreground(paths)
     return 0

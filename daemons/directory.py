@@ -33,6 +33,7 @@ class Directory:
     def __init__(self, topics: list[str], rng: random.Random | None = None) -> None:
         self.topics = list(topics)
         self.creators: dict[str, str] = {}  # topics made with /create -> creator's nick
+        self.dropped: set[str] = set()  # configured topics an operator dropped
         self.sessions: dict[str, SessionInfo] = {}
         self._by_nick: dict[str, str] = {}  # folded nick -> sid
         self._rng = rng or random.Random()
@@ -46,11 +47,13 @@ class Directory:
         if self.topic_named(name) is None:
             self.topics.append(name)
         self.creators[name] = creator
+        self.dropped.discard(name)
 
     def drop_topic(self, name: str) -> None:
         if name in self.topics:
             self.topics.remove(name)
-        self.creators.pop(name, None)
+        if self.creators.pop(name, None) is None:
+            self.dropped.add(name)
         for s in self.in_topic(name):
             s.topic = None
 
@@ -132,17 +135,17 @@ class Directory:
     def snapshot(self) -> dict[str, Any]:
         return {"sessions": [s.record() for s in self.sessions.values()],
                 "created": [{"name": t, "creator": c} for t, c in self.creators.items()],
-                "topics": list(self.topics)}
+                "dropped": sorted(self.dropped)}
 
     def restore(self, state: dict[str, Any]) -> None:
         for rec in state.get("created", []):
             if isinstance(rec, dict):
                 self.apply({"type": "topic", **rec})
-        # a configured topic that was dropped stays dropped
-        if isinstance(state.get("topics"), list):
-            for t in list(self.topics):
-                if t not in state["topics"]:
-                    self.drop_topic(t)
+        # A configured topic that was dropped stays dropped; one added to the config
+        # later is simply there.
+        for name in state.get("dropped", []):
+            if isinstance(name, str):
+                self.drop_topic(name)
         for rec in state.get("sessions", []):
             if isinstance(rec, dict):
                 self.apply(rec)

@@ -528,11 +528,13 @@ class Router(CommandHandler):
         self._save(info)
         await self.keeper.settled(self.keeper.store(info.sid, conn.fileno(),
                                                     conn.session.record()))
-        self.log.info("session_resumed", session=info.sid, nick=info.nick, topic=info.topic)
+        target, info.topic = info.topic, None  # in the lobby until the move succeeds
+        self._save(info)
+        self.log.info("session_resumed", session=info.sid, nick=info.nick, topic=target)
         conn.send({"type": "resumed", "session": info.sid, "nick": info.nick,
-                   "topic": info.topic})
-        if info.topic is not None and info.topic not in self.unavailable:
-            await self._move_to(conn, info.topic, resume_after=last_seq)
+                   "topic": target})
+        if target is not None and target not in self.unavailable:
+            await self._move_to(conn, target, resume_after=last_seq)
 
     def cmd_history(self, conn: ClientConn, cmd: Command) -> Pending:
         conn.send({"type": "error", "code": "not_in_topic",

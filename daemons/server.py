@@ -320,12 +320,13 @@ class Server(CommandHandler):
         conn.send({"type": "who", "topic": self.topic, "members": self.room.nicks()})
         return None
 
-    async def _ask_router(self, conn: ClientConn, msg: Message) -> None:
+    async def _ask_router(self, conn: ClientConn, msg: Message, timeout: float = 2.0) -> None:
         """Commands the router answers (it owns topics, nicks and operators): its reply
         carries the event to show, or an error."""
         reply = await control.request(self.router_ctl, {**msg, "sid": conn.session.sid,
                                                         "nick": conn.session.nick,
-                                                        "oper": conn.session.oper})
+                                                        "oper": conn.session.oper},
+                                      timeout=timeout)
         self.show(conn, reply)
 
     def cmd_history(self, conn: ClientConn, cmd: Command) -> Pending:
@@ -468,9 +469,10 @@ class Server(CommandHandler):
                  "text": f"{nick} is banned from {self.topic}"})
 
     def cmd_drop(self, conn: ClientConn, cmd: Command) -> Pending:
+        # Dropping waits for the topic's members to move and its daemons to stop.
         return self._ask_router(conn, {"op": "drop_topic", "topic": cmd.arg,
                                        "op_here": self.is_op(conn)
-                                       and fold(cmd.arg) == fold(self.topic)})
+                                       and fold(cmd.arg) == fold(self.topic)}, timeout=30.0)
 
     async def evacuate(self, notice: str) -> int:
         """The topic is being dropped: everyone goes back to the lobby, told why."""

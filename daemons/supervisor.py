@@ -224,7 +224,10 @@ class Supervisor:
 
     def _silence_ms(self, child: Child) -> int:
         """How long we had heard nothing valid from the child when we declared it dead."""
-        return child.watch.timeout_ms - child.watch.remaining_ms(monotonic_ms())
+        now = monotonic_ms()
+        if child.watch.accepted == child.beats_at_start:  # not one beat since its start
+            return now - child.started_ms
+        return child.watch.timeout_ms - child.watch.remaining_ms(now)
 
     async def _until_dead(self, child: Child) -> str:
         """'exit' when the process ends, 'timeout' when its heartbeats stop,

@@ -82,6 +82,10 @@ class _Half(asyncio.Protocol):
 class TlsBridge(_Half):
     """Accepted TLS connection: makes the socketpair and hands its inner end on."""
 
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False  # an SSL transport closes on EOF whatever we return; say so
+
     def __init__(self, on_inner: Callable[[socket.socket, str], None], limits: Clients) -> None:
         super().__init__()
         self._on_inner = on_inner
