@@ -156,8 +156,8 @@ def _not_systemd(cfg: Config, instead: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    _not_systemd(config.load(args.config), "use `systemctl start theychat.target`")
     cfg, paths = _load(args.config)
-    _not_systemd(cfg, "use `systemctl start theychat.target`")
     running = live_daemons(paths)
     if running:
         names = ", ".join(f"{n} (pid {r.pid})" for n, r in running.items())
@@ -234,8 +234,8 @@ def _foreground(paths: StatePaths) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    cfg, paths = _load(args.config)
-    _not_systemd(cfg, "use `systemctl stop theychat.target`")
+    _not_systemd(config.load(args.config), "use `systemctl stop theychat.target`")
+    _, paths = _load(args.config)
     if not live_daemons(paths):
         print(f"TheyChat is not running in {paths.root}")
         return 0

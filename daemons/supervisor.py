@@ -157,13 +157,15 @@ class Supervisor:
 
     async def _new_incarnation(self, child: Child, before: procs.PidRecord | None,
                                timeout_s: float | None) -> procs.PidRecord | None:
-        """The live process the child's pid file names, once it is not `before` (dead);
-        None if none appears within `timeout_s` (None: wait as long as it takes)."""
-        floor = 0 if before is None else before.incarnation - (1 if before.alive() else 0)
+        """The process the child's pid file names once it is newer than `before` (or is
+        `before`, alive); None if none appears within `timeout_s` (None: no limit). A
+        newer one that already died is returned too: its exit is then seen at once."""
+        last = 0 if before is None else before.incarnation
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while deadline is None or time.monotonic() < deadline:
             rec = procs.read_pidfile(self.paths.pidfile(child.spec.name))
-            if rec is not None and rec.incarnation > floor and rec.alive():
+            if rec is not None and (rec.incarnation > last or (
+                    rec.incarnation == last and rec.alive())):
                 return rec
             await asyncio.sleep(PIDFILE_POLL_S)
         return None
@@ -174,7 +176,7 @@ class Supervisor:
         self.log.info("child_stopped", child=child.spec.name, child_pid=child.pid)
         gone = procs.read_pidfile(self.paths.pidfile(child.spec.name))
         rec = await self._new_incarnation(child, gone, None)
-        assert rec is not None  # no deadline: only a live process ends the wait
+        assert rec is not None  # no deadline: only a new process ends the wait
         child.pid, child.started, child.state = rec.pid, rec.start_time, "running"
         self.log.info("child_adopted", child=child.spec.name, child_pid=rec.pid)
         child.beats_at_start = child.watch.accepted

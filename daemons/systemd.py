@@ -34,6 +34,7 @@ import yaml
 import daemons
 from daemons import config, procs
 from daemons.errors import ConfigError, TheyChatError
+from daemons.supervisor import ChildSpec
 
 UNIT_PREFIX = "theychat-"
 TARGET = "theychat.target"
@@ -90,17 +91,28 @@ def on_its_way(props: dict[str, str]) -> bool:
     return False
 
 
-def exit_outcome(props: dict[str, str], pid: int) -> bool | None:
-    """Whether systemd recorded `pid` as having exited with status 0 (stopped on request:
-    SIGTERM, clean shutdown); None while systemd has not recorded that exit yet."""
-    if props.get("ExecMainPID") != str(pid):
-        # Not (or no longer) the process systemd knows as the unit's main one: another
-        # start came first, or this process was never systemd's. A failure for us.
-        return False if props.get("ExecMainPID", "0") not in ("0", "") else None
-    code = props.get("ExecMainCode", "0")
-    if code in ("0", ""):
-        return None
-    return code == CLD_EXITED and props.get("ExecMainStatus") == "0"
+def exit_outcome(props: dict[str, str], pid: int,
+                 alive: Callable[[int], bool] = procs.alive) -> bool | None:
+    """Was `pid` stopped on purpose? From the unit's ActiveState and ExecMain* properties:
+
+    * systemd recorded its exit: True if it exited with status 0 (systemctl stop,
+      SIGTERM), False for a non-zero status or a signal (a crash, a kill);
+    * not yet (`ExecMainCode=0`): None, ask again;
+    * systemd already runs another main process: True (only a request, `systemctl
+      restart`, starts one at once; our roots' own restarts wait RestartSec=2s);
+    * systemd knows no main process: the unit was stopped and then unloaded (systemd
+      forgets inactive units at once, with their exit status): True, unless it failed
+      (a failed unit is kept, with its status).
+    """
+    main = int(props.get("ExecMainPID", "0") or 0)
+    if main == pid:
+        code = props.get("ExecMainCode", "0")
+        if code in ("0", ""):
+            return None
+        return code == CLD_EXITED and props.get("ExecMainStatus") == "0"
+    if main == 0:
+        return props.get("ActiveState") != "failed"
+    return alive(main)
 
 
 class SystemdManager:
@@ -144,7 +156,7 @@ class SystemdManager:
             args += ["-p", p]
         return parse_show(await self.run(*args))
 
-    async def start(self, spec: Any) -> int | None:
+    async def start(self, spec: ChildSpec) -> int | None:
         unit = unit_name(spec.name)
         try:
             props = await self.show(unit, "ActiveState", "SubState", "MainPID")
@@ -158,14 +170,15 @@ class SystemdManager:
                       unit_state=f"{props.get('ActiveState')}/{props.get('SubState')}")
         return None
 
-    async def stopped_on_purpose(self, spec: Any, pid: int) -> bool:
+    async def stopped_on_purpose(self, spec: ChildSpec, pid: int) -> bool:
         """Did the child exit with status 0 (systemctl stop, SIGTERM)? Asked to systemd,
         which reaps it; our pidfd usually fires a few milliseconds before it has."""
         unit = unit_name(spec.name)
         deadline = time.monotonic() + EXIT_RECORDED_WAIT_S
         while True:
             try:
-                props = await self.show(unit, "ExecMainPID", "ExecMainCode", "ExecMainStatus")
+                props = await self.show(unit, "ActiveState", "ExecMainPID", "ExecMainCode",
+                                        "ExecMainStatus")
             except SystemdError as e:
                 self.log.error("systemctl_failed", unit=unit, error=str(e))
                 return False
@@ -180,27 +193,28 @@ class SystemdManager:
 # --- sd_notify ----------------------------------------------------------------------------
 
 
-def _ago(started_at: float) -> str:
+def _when(started_at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started_at))
 
 
 def _restarts(incarnation: int, started_at: float) -> str:
     if incarnation <= 1:
-        return f"up since {_ago(started_at)}, never restarted"
+        return f"up since {_when(started_at)}, never restarted"
     n = incarnation - 1
-    return f"restarted {n} time{'s' if n != 1 else ''}, last at {_ago(started_at)}"
+    return f"restarted {n} time{'s' if n != 1 else ''}, last at {_when(started_at)}"
 
 
 def _children(children: Any) -> str:
-    if not isinstance(children, list) or not children:
-        return "no children"
-    parts = []
-    for c in children:
-        if not isinstance(c, dict):
-            continue
-        pid = f" pid {c['pid']}" if c.get("pid") else ""
-        parts.append(f"{c.get('name')} {c.get('state')}{pid} ({c.get('restarts', 0)} restarts)")
-    return ", ".join(parts)
+    kids = [c for c in children if isinstance(c, dict)] if isinstance(children, list) else []
+    if len(kids) == 1:
+        c = kids[0]
+        pid = f" (pid {c['pid']})" if c.get("pid") else ""
+        return f"{c.get('name')} {c.get('state')}{pid}, {c.get('restarts', 0)} restarts"
+    running = sum(1 for c in kids if c.get("state") == "running")
+    restarts = sum(int(c.get("restarts") or 0) for c in kids)
+    others = [f"{c.get('name')} {c.get('state')}" for c in kids if c.get("state") != "running"]
+    return (f"{running}/{len(kids)} children running, {restarts} restarts"
+            + (f" ({', '.join(others)})" if others else ""))
 
 
 def describe(role: str, topic: str | None, incarnation: int, started_at: float,
@@ -210,24 +224,22 @@ def describe(role: str, topic: str | None, incarnation: int, started_at: float,
     since = _restarts(incarnation, started_at)
     if role == "server":
         members, next_seq = facts.get("members", "?"), facts.get("next_seq")
-        messages = f"{next_seq - 1} messages (next seq {next_seq})" if isinstance(
-            next_seq, int) else "messages unknown"
+        messages = (f"{next_seq - 1} messages (next seq {next_seq})"
+                    if isinstance(next_seq, int) else "messages unknown")
         count = len(members) if isinstance(members, list) else members
         return f"{topic}: {count} members, {messages}; {since}"
     if role == "router":
+        if "children" not in facts:
+            return f"listening on {facts.get('host')}:{facts.get('port')}; {since}"
         topics = facts.get("topics")
         n_topics = len(topics) if isinstance(topics, list) else "?"
-        lobby = facts.get("lobby", "?")
-        if "children" not in facts:
-            where = f"{facts.get('host')}:{facts.get('port')}"
-            return f"listening on {where}; {since}"
-        return (f"{lobby} in the lobby, {n_topics} topics; watching "
+        return (f"{facts.get('lobby', '?')} in the lobby, {n_topics} topics; "
                 f"{_children(facts.get('children'))}; {since}")
     if role.endswith("monitor"):
         held = facts.get("fds_held")
         sockets = f"; holding {held} sockets" if isinstance(held, int) else ""
-        watched = _children(facts.get("children")) if "children" in facts else facts.get(
-            "child", "?")
+        watched = (_children(facts.get("children")) if "children" in facts
+                   else f"{facts.get('child', '?')} starting")
         return f"watching {watched}{sockets}; {since}"
     return since
 
@@ -318,7 +330,7 @@ PRIVATE_TMP = ("/tmp", "/var/tmp")  # what PrivateTmp= replaces
 class Installation:
     python: str
     pythonpath: str | None  # the code's directory, when the interpreter would not find it
-    visible: list[str]  # paths under ProtectHome='s directories the units must see
+    visible: list[str]  # paths the sandbox hides (home, /tmp) that the units must see
 
 
 def _under(path: str, roots: tuple[str, ...]) -> bool:
@@ -349,13 +361,10 @@ def this_installation() -> Installation:
             needed.append(str(Path(mod.__file__).resolve().parent.parent))
     needed = [str(Path(p).resolve()) for p in needed]
     for p in needed:
-        if _under(p, PRIVATE_TMP):
-            raise SystemdError(f"{p} is under /tmp or /var/tmp, which the units replace "
-                               "(PrivateTmp=yes): install TheyChat and Python elsewhere")
         if re.search(r"\s", p):
             raise SystemdError(f"{p}: a path with white space cannot go in a unit file")
     return Installation(sys.executable, pythonpath,
-                        _minimal([p for p in needed if _under(p, PROTECTED)]))
+                        _minimal([p for p in needed if _under(p, PROTECTED + PRIVATE_TMP)]))
 
 
 def units_dir() -> Path:
@@ -378,9 +387,11 @@ def render(text: str, inst: Installation) -> str:
                 out.append(f"Environment=PYTHONPATH={inst.pythonpath}")
             continue
         if line == "ProtectHome=yes" and inst.visible:
-            out.append("# Python or TheyChat lives under a home directory: show only that,")
-            out.append("# read-only, in an otherwise empty /home, /root, /run/user.")
-            out.append("ProtectHome=tmpfs")
+            out.append("# Python or TheyChat lives where the sandbox hides (a home directory,")
+            out.append("# /tmp): show only that, read-only, in an otherwise empty /home, /root,")
+            out.append("# /run/user (and private /tmp).")
+            homes = any(_under(p, PROTECTED) for p in inst.visible)
+            out.append("ProtectHome=tmpfs" if homes else line)
             out.append("BindReadOnlyPaths=" + " ".join(inst.visible))
             continue
         out.append(line)
