@@ -145,12 +145,6 @@ class Config:
         return (base / "theychat").absolute()
 
 
-def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
 def _describe(value: Any) -> str:
     return repr(value) if not isinstance(value, dict | list) else type(value).__name__
 

@@ -44,6 +44,9 @@ class Room:
         old, member.nick = member.nick, nick
         return old
 
+    def member_list(self) -> list[dict[str, str]]:
+        return [{"sid": m.sid, "nick": m.nick} for m in self.members.values()]
+
     def nicks(self) -> list[str]:
         return sorted((m.nick for m in self.members.values()), key=str.lower)
 
@@ -132,7 +135,7 @@ class Room:
             self.remove(str(rec.get("sid")))
 
     def snapshot(self) -> dict[str, Any]:
-        return {"members": [{"sid": m.sid, "nick": m.nick} for m in self.members.values()],
+        return {"members": self.member_list(),
                 "history": [self.record_of(m) for m in self.history],
                 "next_seq": self.next_seq, "ops": sorted(self.ops), "bans": sorted(self.bans)}
 

@@ -22,7 +22,7 @@ from daemons.errors import ControlError, TheyChatError
 from daemons.fdstore import FdKeeper
 from daemons.journal import Journal
 from daemons.protocol import Command, fold, valid_name
-from daemons.render import Event, encode_json, encode_text
+from daemons.render import Event, encode
 from daemons.room import Room
 from daemons.watermark import Watermark
 
@@ -84,7 +84,7 @@ class Server(CommandHandler):
         self.keeper.start()
         await ctl.start()
         self._background(self._tell_router(
-            {"op": "server_hello", "topic": self.topic, "members": self.members()}
+            {"op": "server_hello", "topic": self.topic, "members": self.room.member_list()}
         ))
         self._background(self._learn_creator())
         d.ready(members=len(self.conns), next_seq=self.room.next_seq)
@@ -187,9 +187,6 @@ class Server(CommandHandler):
     def session_changed(self, conn: ClientConn) -> asyncio.Future[bool] | None:
         return self.keeper.store(conn.session.sid, None, conn.session.record())
 
-    def members(self) -> list[dict[str, str]]:
-        return [{"sid": m.sid, "nick": m.nick} for m in self.room.members.values()]
-
     # -- fan-out ---------------------------------------------------------------------
 
     def broadcast(self, event: Event, skip: str | None = None,
@@ -205,7 +202,7 @@ class Server(CommandHandler):
             mode = conn.session.json
             data = encoded.get(mode)
             if data is None:
-                data = encoded[mode] = encode_json(event) if mode else encode_text(event)
+                data = encoded[mode] = encode(event, mode)
             conn.write(data)
 
     def announce(self, rec: dict[str, Any], nick: str, what: str, reason: str | None = None,
@@ -538,7 +535,7 @@ class Server(CommandHandler):
         if op == "adopt":
             return await self.adopt(msg, fds)
         if op == "members":
-            return ok(members=self.members())
+            return ok(members=self.room.member_list())
         if op == "evacuate":
             return ok(moved=await self.evacuate(str(msg.get("notice", ""))))
         if op == "drop":  # the router gave this session to a newer connection

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,13 +142,18 @@ def make_tree() -> Iterator[Any]:
 
     yield start
     for tree in trees:
-        tree.cli("down")
-        left = processes_of(tree.state)
-        for line in left:  # never leave strays behind, even when the test failed
-            os.kill(int(line.split(":")[0]), signal.SIGKILL)
-        if not os.environ.get("THEYCHAT_KEEP"):  # keep logs to debug a failure
-            shutil.rmtree(tree.state.parent, ignore_errors=True)
-        assert not left, f"processes left after down: {left}"
+        tear_down(tree)
+
+
+def tear_down(tree: Tree) -> None:
+    """Stop a tree and prove nothing of it is left (strays are killed all the same)."""
+    tree.cli("down")
+    left = processes_of(tree.state)
+    for line in left:  # never leave strays behind, even when the test failed
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    if not os.environ.get("THEYCHAT_KEEP"):  # keep logs to debug a failure
+        shutil.rmtree(tree.state.parent, ignore_errors=True)
+    assert not left, f"processes left after down: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +164,17 @@ def tree() -> Iterator[Tree]:
     res = t.cli("up")
     assert res.returncode == 0, res.stderr
     yield t
-    t.cli("down")
-    left = processes_of(state)
-    for line in left:
-        os.kill(int(line.split(":")[0]), signal.SIGKILL)
-    if not os.environ.get("THEYCHAT_KEEP"):
-        shutil.rmtree(state.parent, ignore_errors=True)
-    assert not left, f"processes left after down: {left}"
+    tear_down(t)
 
 
 class Client:
     """A line client over a plain socket, with bounded waits."""
 
-    def __init__(self, port: int, nick: str | None = None, json_mode: bool = False) -> None:
+    def __init__(self, port: int, nick: str | None = None, json_mode: bool = False,
+                 wrap: Callable[[socket.socket], socket.socket] | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+        if wrap is not None:
+            self.sock = wrap(self.sock)
         self.buf = b""
         self.lines: list[str] = []  # everything received, in order
         self.greeting = self.expect(r"welcome to TheyChat")
@@ -206,29 +208,31 @@ class Client:
         self.lines.append(text)
         return text
 
-    def expect(self, pattern: str, timeout: float = WAIT_S) -> str:
+    def _until(self, matches: Callable[[str], bool], what: str, timeout: float) -> str:
+        """Read lines until one matches; the ones before it are skipped."""
         deadline = time.monotonic() + timeout
-        rx = re.compile(pattern)
         seen = []
         while True:
             line = self._read_line(deadline)
             if line is None:
-                raise AssertionError(f"no line matching {pattern!r} in {timeout}s; got {seen}")
+                raise AssertionError(f"no {what} in {timeout}s; got {seen}")
             seen.append(line)
-            if rx.search(line):
+            if matches(line):
                 return line
 
+    def expect(self, pattern: str, timeout: float = WAIT_S) -> str:
+        rx = re.compile(pattern)
+        return self._until(lambda ln: rx.search(ln) is not None,
+                           f"line matching {pattern!r}", timeout)
+
     def expect_json(self, timeout: float = WAIT_S, **fields: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        seen = []
-        while True:
-            line = self._read_line(deadline)
-            if line is None:
-                raise AssertionError(f"no JSON line with {fields} in {timeout}s; got {seen}")
-            seen.append(line)
-            obj: dict[str, Any] = json.loads(line)
-            if all(obj.get(k) == v for k, v in fields.items()):
-                return obj
+        def matches(line: str) -> bool:
+            obj = json.loads(line)
+            return all(obj.get(k) == v for k, v in fields.items())
+
+        obj: dict[str, Any] = json.loads(self._until(matches, f"JSON line with {fields}",
+                                                     timeout))
+        return obj
 
     def quiet(self, duration: float = 0.3) -> list[str]:
         """Lines that arrive within `duration` (to assert that nothing does)."""
