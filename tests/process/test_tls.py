@@ -39,18 +39,9 @@ def tls_tree(make_tree: Any, cert: tuple[Path, Path]) -> tuple[Any, int]:
     return t, plain
 
 
-class TlsClient(Client):
-    def __init__(self, port: int, cafile: Path, nick: str | None = None) -> None:
-        ctx = ssl.create_default_context(cafile=str(cafile))
-        raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
-        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
-        self.buf = b""
-        self.lines = []
-        self.greeting = self.expect(r"welcome to TheyChat")
-        self.session = self.greeting.split("(session ")[1].split(")")[0]
-        if nick:
-            self.send(f"/nick {nick}")
-            self.expect(rf"you are now {nick}")
+def tls_client(port: int, cafile: Path, nick: str | None = None) -> Client:
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    return Client(port, nick, wrap=lambda raw: ctx.wrap_socket(raw, server_hostname="localhost"))
 
 
 @needs_openssl
@@ -61,7 +52,7 @@ def test_tls_clients_chat_through_handoff_and_server_restarts(make_tree, cert) -
         s.sendall(b"/who\n")
         s.settimeout(WAIT_S)
         assert b"welcome" not in s.recv(4096)
-    a = TlsClient(t.port, cert[0], "a60")
+    a = tls_client(t.port, cert[0], "a60")
     b = Client(plain, "b60")  # plain, on loopback
     a.join("rust")
     b.join("rust")
@@ -120,6 +111,10 @@ def test_line_client_over_tls_resumes_after_the_router_dies(make_tree, cert) -> 
         chat.stdin.write(b"/nick c62\n/join rust\nbefore\n")
         chat.stdin.flush()
         other.expect_json(type="message", text="before")
+        # Let the router log where c62 went: a router killed within milliseconds of a
+        # handoff may not know (docs/recovery.md, known gaps), and that is not this test.
+        t.wait_event("router", "handoff", nick="c62")
+        time.sleep(0.3)
         # The TLS session lives in the router: killing it ends the session; the client
         # reconnects, resumes, and nothing it typed is lost.
         os.kill(t.pid("router"), signal.SIGKILL)
