@@ -188,6 +188,9 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
         asyncio.run(_main(d, body))
         if d.failed:
             return _fail(name, d.failed, 1)
+        # A clean end: a supervisor that finds us gone at its own start need not
+        # declare us dead.
+        procs.write_pidfile(paths.pidfile(name), incarnation, stopped=True)
     except TheyChatError as e:
         log.error("daemon_failed", error=str(e))
         return _fail(name, str(e), 1)

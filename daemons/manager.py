@@ -15,6 +15,7 @@ import time
 from daemons import control, daemon, procs
 from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
+from daemons.errors import ControlError
 from daemons.policy import RestartPolicy, decide, prune
 from daemons.supervisor import ChildSpec, SpawnManager
 
@@ -27,6 +28,21 @@ ROOTS = ("router", "router-monitor")
 def _alive(d: Daemon, name: str) -> bool:
     rec = procs.read_pidfile(d.paths.pidfile(name))
     return rec is not None and rec.alive()
+
+
+async def _ready(d: Daemon, name: str, timeout_s: float) -> bool:
+    """Wait (bounded) until the daemon answers `status` as ready: we hear no heartbeats,
+    so its own answer is our proof that the restart worked."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not d.stop.is_set():
+        try:
+            reply = await control.request(d.paths.control(name), {"op": "status"}, timeout=0.5)
+            if reply.get("ok") and reply.get("daemon", {}).get("state") == "ready":
+                return True
+        except ControlError:
+            pass
+        await asyncio.sleep(POLL_S / 10)
+    return False
 
 
 async def main_async(d: Daemon) -> None:
@@ -72,6 +88,9 @@ async def main_async(d: Daemon) -> None:
         recent.append(now)
         restarts += 1
         d.log.info("child_started", child="router", child_pid=pid)
+        if await _ready(d, "router", s.start_timeout_ms / 1000):
+            d.log.info("restarted", child="router", child_pid=pid, restarts=restarts,
+                       recovery_ms=round((time.monotonic() - now) * 1000, 1))
         both_dead_since = None
     await ctl.close()
 

@@ -50,14 +50,15 @@ class PidRecord:
     pid: int
     start_time: int
     incarnation: int = 1
+    stopped: bool = False  # the process ended cleanly (SIGTERM, `theychat down`, /drop)
 
     def alive(self) -> bool:
         return alive(self.pid, self.start_time)
 
 
-def write_pidfile(path: Path, incarnation: int) -> PidRecord:
+def write_pidfile(path: Path, incarnation: int, stopped: bool = False) -> PidRecord:
     pid = os.getpid()
-    rec = PidRecord(pid, start_time(pid) or 0, incarnation)
+    rec = PidRecord(pid, start_time(pid) or 0, incarnation, stopped)
     tmp = path.with_suffix(f".tmp{pid}")
     tmp.write_text(json.dumps(rec.__dict__))
     os.replace(tmp, path)
@@ -67,7 +68,8 @@ def write_pidfile(path: Path, incarnation: int) -> PidRecord:
 def read_pidfile(path: Path) -> PidRecord | None:
     try:
         data = json.loads(path.read_text())
-        return PidRecord(int(data["pid"]), int(data["start_time"]), int(data["incarnation"]))
+        return PidRecord(int(data["pid"]), int(data["start_time"]), int(data["incarnation"]),
+                         data.get("stopped") is True)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

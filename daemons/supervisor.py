@@ -183,8 +183,25 @@ class Supervisor:
         child.started_ms = monotonic_ms()
         child.watch.reset(child.started_ms)
 
+    def _found_dead(self, child: Child) -> float | None:
+        """At our own start: a child whose last process died without a clean stop (it
+        died with us, or while we were down) is declared dead like any other, so its
+        restart is counted and logged; returns when it was declared."""
+        rec = procs.read_pidfile(self.paths.pidfile(child.spec.name))
+        if rec is None or rec.stopped or rec.alive() or self.stopping():
+            return None
+        self.log.warning("peer_declared_dead", child=child.spec.name, child_pid=rec.pid,
+                         cause="found_dead", detection_ms=None, last_seq=None)
+        self.log.info("restarting", child=child.spec.name, cause="found_dead", delay_ms=0)
+        return time.monotonic()
+
     async def _keep(self, child: Child) -> None:
+        found_dead = self._found_dead(child)
         await self._start(child)
+        if found_dead is not None:
+            child.restarts += 1
+            child.recent.append(found_dead)
+            self._tasks.append(asyncio.ensure_future(self._report_restarted(child, found_dead)))
         while True:
             cause = await self._until_dead(child)
             if cause == "exit" and child.pid is not None and await _settle(

@@ -137,9 +137,43 @@ def test_router_and_its_monitor_dying_together_are_restarted_by_the_manager(make
     assert b.expect("a32:", timeout=0.5) == "[rust] a32: nobody at the front door"
     ev = t.wait_event("manager", "peer_declared_dead", child="router")
     assert ev["both_roots"] is True
+    back = t.wait_event("manager", "restarted", child="router")
+    assert back["recovery_ms"] > 0
+    # the new router finds its monitor dead too, and says so before restarting it
+    found = t.wait_event("router", "peer_declared_dead", child="router-monitor")
+    assert found["cause"] == "found_dead"
+    t.wait_event("router", "restarted", child="router-monitor")
     rows = t.wait_healthy()
     assert {r["name"]: r["restarts"] for r in rows}["router"] == 1
     newcomer = Client(t.port, "n32")
     newcomer.send("/topics")
     assert "rust (2)" in newcomer.expect(r"\* topics")  # learnt again from the servers
     assert "process manager pid" in t.cli("status").stdout
+
+
+def test_a_server_dying_with_its_monitor_is_declared_dead_and_restarted(make_tree) -> None:  # type: ignore[no-untyped-def]
+    t = make_tree()
+    a = Client(t.port, "a33")
+    a.join("rust")
+    os.kill(t.pid("server@rust"), signal.SIGKILL)
+    os.kill(t.pid("server-monitor@rust"), signal.SIGKILL)
+    t.wait_event("router", "peer_declared_dead", child="server-monitor@rust")
+    t.wait_event("router", "restarted", child="server-monitor@rust")
+    found = t.wait_event("server-monitor@rust", "peer_declared_dead", child="server@rust")
+    assert found["cause"] == "found_dead" and found["detection_ms"] is None
+    t.wait_event("server-monitor@rust", "restarted", child="server@rust")
+    t.wait_healthy()
+
+
+def test_a_clean_stop_is_not_found_dead(make_tree) -> None:  # type: ignore[no-untyped-def]
+    t = make_tree()
+    os.kill(t.pid("server@rust"), signal.SIGSTOP)  # its monitor must not restart it...
+    os.kill(t.pid("server-monitor@rust"), signal.SIGKILL)
+    server = t.pid("server@rust")
+    os.kill(server, signal.SIGTERM)  # ...before it ends cleanly, while nobody watches
+    os.kill(server, signal.SIGCONT)
+    t.wait_event("router", "restarted", child="server-monitor@rust")
+    t.wait_event("server-monitor@rust", "child_started", child="server@rust")
+    events = [e for e in t.log_events("server-monitor@rust")
+              if e["event"] == "peer_declared_dead"]
+    assert events == []
