@@ -103,6 +103,10 @@ async def recv_packet(sock: socket.socket) -> tuple[bytes, list[int]]:
         except BlockingIOError:
             await _wait(sock, writable=False)
             continue
+        # Again by hand: some kernels (gVisor, seen here) ignore MSG_CMSG_CLOEXEC, and a
+        # leaked listening socket keeps the port bound after every router has died.
+        for fd in fds:
+            os.set_inheritable(fd, False)
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             close_fds(fds)
             raise ControlError("control packet truncated", "too_large")
