@@ -30,11 +30,13 @@ def _alive(d: Daemon, name: str) -> bool:
     return rec is not None and rec.alive()
 
 
-async def _ready(d: Daemon, name: str, timeout_s: float) -> bool:
+async def _ready(d: Daemon, name: str, pid: int, timeout_s: float) -> bool:
     """Wait (bounded) until the daemon answers `status` as ready: we hear no heartbeats,
-    so its own answer is our proof that the restart worked."""
+    so its own answer is our proof that the restart worked. False at once if it died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not d.stop.is_set():
+        if not procs.alive(pid):
+            return False
         try:
             reply = await control.request(d.paths.control(name), {"op": "status"}, timeout=0.5)
             if reply.get("ok") and reply.get("daemon", {}).get("state") == "ready":
@@ -88,7 +90,7 @@ async def main_async(d: Daemon) -> None:
         recent.append(now)
         restarts += 1
         d.log.info("child_started", child="router", child_pid=pid)
-        if await _ready(d, "router", s.start_timeout_ms / 1000):
+        if await _ready(d, "router", pid, s.start_timeout_ms / 1000):
             d.log.info("restarted", child="router", child_pid=pid, restarts=restarts,
                        recovery_ms=round((time.monotonic() - now) * 1000, 1))
         both_dead_since = None
