@@ -300,6 +300,16 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from daemons.soak import run
+
+    try:
+        return run.run(args)
+    except (run.SoakError, ConfigError) as e:
+        print(f"theychat soak: {e}", file=sys.stderr)
+        return 2
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="theychat", description="TheyChat: chat that keeps going")
     sub = p.add_subparsers(dest="command", required=True)
@@ -324,7 +334,12 @@ def parser() -> argparse.ArgumentParser:
                     help="config to install (default: the installed one, else built in)")
     sd.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR")
     sd.add_argument("--no-reload", action="store_true", help="skip systemctl daemon-reload")
-    for s in (up, down, status, chat):
+    soak = sub.add_parser("soak", help="run a fresh tree under traffic and faults, judge it "
+                          "from its logs, write a report")
+    from daemons.soak.run import add_arguments
+
+    add_arguments(soak)
+    for s in (up, down, status, chat, soak):
         s.add_argument("--config", metavar="FILE", help="YAML config (default: built in)")
     return p
 
@@ -333,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.umask(0o077)
     handler = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "chat": cmd_chat,
-               "hash-password": cmd_hash_password, "install-systemd": cmd_install_systemd}
+               "hash-password": cmd_hash_password, "install-systemd": cmd_install_systemd,
+               "soak": cmd_soak}
     try:
         return handler[args.command](args)
     except ConfigError as e:

@@ -23,14 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
+from daemons.soak.tree import free_port
+
 THEYCHAT = [sys.executable, "-m", "daemons"]
 WAIT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_cli(*args: str, timeout: float = 40) -> subprocess.CompletedProcess[str]:
