@@ -1,0 +1,46 @@
+"""The soak's fault plan: a pure function of the seed that respects restart intensity."""
+
+from __future__ import annotations
+
+from daemons.soak.plan import KINDS, daemons_of, plan, supervisor_of
+
+TOPICS = ["general", "random"]
+CLIENTS = ["soak1", "soak2"]
+
+
+def test_the_same_seed_gives_the_same_faults_and_another_seed_others() -> None:
+    a = plan(5, 120, 2, TOPICS, CLIENTS)
+    assert a == plan(5, 120, 2, TOPICS, CLIENTS)
+    assert a != plan(6, 120, 2, TOPICS, CLIENTS)
+
+
+def test_faults_are_spaced_and_stay_out_of_the_warmup_and_the_quiet_end() -> None:
+    faults = plan(1, 60, 3, TOPICS, CLIENTS, warmup=3, quiet=8)
+    assert [f.at for f in faults] == [3 + 3 * i for i in range(len(faults))]
+    assert faults[-1].at <= 60 - 8
+
+
+def test_a_long_plan_uses_every_kind_and_hits_every_daemon() -> None:
+    faults = plan(2, 1800, 5, TOPICS, CLIENTS)
+    assert {f.kind for f in faults} == set(KINDS)
+    hit = {t for f in faults if f.kind != "client_reset" for t in f.targets}
+    assert hit == set(daemons_of(TOPICS))
+
+
+def test_a_pair_is_a_daemon_and_its_supervisor() -> None:
+    for f in plan(3, 600, 2, TOPICS, CLIENTS, kinds=("kill_pair",)):
+        victim, sup = f.targets
+        assert sup == supervisor_of(victim)
+
+
+def test_no_daemon_is_hit_more_often_than_its_supervisor_would_restart_it() -> None:
+    faults = plan(4, 600, 1, ["t"], [], kinds=("kill",), max_hits=2, window_s=30)
+    for f in faults:
+        name = f.targets[0]
+        recent = [g for g in faults if name in g.targets and f.at - 30 < g.at <= f.at]
+        assert len(recent) <= 2
+
+
+def test_client_resets_name_a_client() -> None:
+    faults = plan(5, 100, 2, TOPICS, CLIENTS, kinds=("client_reset",))
+    assert faults and all(f.targets[0] in CLIENTS for f in faults)
