@@ -186,10 +186,13 @@ def run(args: argparse.Namespace) -> int:
     validate(args)
     base = base_config(args.config)
     report = Path(args.report or time.strftime("soak-%Y%m%d-%H%M%S"))
-    if report.exists() and any(report.iterdir()):
-        raise SoakError(f"--report {report}: exists and is not empty")
-    (report / "clients").mkdir(parents=True, exist_ok=True)
-    (report / "logs").mkdir(exist_ok=True)
+    try:
+        if report.exists() and any(report.iterdir()):
+            raise SoakError(f"--report {report}: exists and is not empty")
+        (report / "clients").mkdir(parents=True, exist_ok=True)
+        (report / "logs").mkdir(exist_ok=True)
+    except OSError as e:
+        raise SoakError(f"--report {report}: {e.strerror or e}") from None
     tree = Tree({}, keep=args.keep, base=base, prefix="tc-soak-")
     soak = Soak(args, tree, report)
     command = "theychat soak " + " ".join(shlex.quote(a) for a in sys.argv[2:])
