@@ -86,6 +86,10 @@ class Supervision:
     # How supervisors start and restart children: processes of their own, or systemd
     # units through systemctl (docs/systemd.md). Same detection and decisions either way.
     backend: str = field(default="spawn", metadata={"choices": ("spawn", "systemd")})
+    # A second, idle process per topic server (spawn backend), already started and
+    # waiting for its monitor's word: a restart tells it to go, saving the Python
+    # start-up (~100 ms) from every server restart.
+    warm_standby: bool = True
 
 
 @dataclass(frozen=True)

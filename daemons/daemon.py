@@ -155,6 +155,8 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
     parser.add_argument("--config")
     parser.add_argument("--state-dir")
     parser.add_argument("--topic")
+    parser.add_argument("--standby", action="store_true",
+                        help="start, then wait for the supervisor's go on fd 3 to take over")
     args = parser.parse_args(argv)
     os.umask(0o077)  # logs, pid files and sockets are private to the user
     name = daemon_name(role, args.topic)
@@ -167,6 +169,8 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
     if paths.stopping.exists():
         return 0  # `theychat down` is under way: starting now would only race it
     lock_fd = os.open(paths.lockfile(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if args.standby and (not procs.wait_for_go(procs.STANDBY_FD) or paths.stopping.exists()):
+        return 0  # our supervisor is gone, or TheyChat is stopping: nothing to take over
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -17,7 +17,7 @@ from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
 from daemons.errors import ControlError
 from daemons.policy import RestartPolicy, decide, prune
-from daemons.supervisor import ChildSpec, SpawnManager
+from daemons.supervisor import ChildSpec
 
 POLL_S = 0.1
 # The pair restart each other within milliseconds; only a longer joint absence is ours.
@@ -52,7 +52,6 @@ async def main_async(d: Daemon) -> None:
     policy = RestartPolicy(s.max_restarts, s.window_s, s.backoff_initial_ms, s.backoff_step_ms,
                            s.backoff_max_ms)
     spec = ChildSpec("router", "router", None, d.child_args("daemons.router"))
-    spawner = SpawnManager(d.paths)
     recent: list[float] = []
     restarts = 0
     gave_up = False
@@ -86,7 +85,7 @@ async def main_async(d: Daemon) -> None:
         d.log.info("restarting", child="router", cause="exit",
                    delay_ms=round(decision.delay_s * 1000))
         await asyncio.sleep(decision.delay_s)
-        pid = spawner.start(spec)
+        pid = procs.spawn(spec.args, d.paths.stderr(spec.name))
         recent.append(now)
         restarts += 1
         d.log.info("child_started", child="router", child_pid=pid)

@@ -74,11 +74,16 @@ def read_pidfile(path: Path) -> PidRecord | None:
         return None
 
 
-def spawn(args: list[str], stderr_path: Path) -> int:
+# Where a standby finds the read end of the pipe its supervisor says "go" on.
+STANDBY_FD = 3
+
+
+def spawn(args: list[str], stderr_path: Path, go_fd: int | None = None) -> int:
     """Start `python ARGS...` in its own session: no death of ours takes it along.
 
     stdin is /dev/null; stdout and stderr go to `stderr_path`, where a crash that got
-    past the logger (or a message for `theychat up` to show) ends up.
+    past the logger (or a message for `theychat up` to show) ends up. `go_fd`, if given,
+    becomes the child's fd STANDBY_FD (a standby's pipe from its supervisor).
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH")) if p)
@@ -88,6 +93,8 @@ def spawn(args: list[str], stderr_path: Path) -> int:
         (os.POSIX_SPAWN_OPEN, 1, str(stderr_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
         (os.POSIX_SPAWN_DUP2, 1, 2),
     ]
+    if go_fd is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, go_fd, STANDBY_FD))
     return os.posix_spawn(
         sys.executable, [sys.executable, *args], env, file_actions=actions, setsid=True
     )
@@ -143,3 +150,17 @@ def signal_process(rec: PidRecord, sig: int) -> bool:
         return False
     finally:
         os.close(pidfd)
+
+
+def wait_for_go(fd: int) -> bool:
+    """A standby's wait: True once its supervisor says go (it decided to restart the
+    child, which is dead), False when the pipe closes without a word: the supervisor is
+    gone, and its successor decides for itself."""
+    try:
+        while True:
+            try:
+                return os.read(fd, 1) == b"g"
+            except InterruptedError:
+                continue
+    finally:
+        os.close(fd)

@@ -11,7 +11,9 @@ Decisions come from `policy.decide`; starting processes goes through a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -51,18 +53,71 @@ class ProcessManager(Protocol):
         is no failure: it is not restarted, only adopted again when it comes back."""
         ...
 
+    def prepare_standby(self, spec: ChildSpec) -> int | None:
+        """Once the child runs: start its warm standby if it has one; its pid, else None."""
+        ...
+
+    def drop_standby(self, spec: ChildSpec) -> None:
+        """End the child's standby (and the child, if the standby took over)."""
+        ...
+
+
+# Roles whose restarts are worth an idle process each: a topic's clients wait for them.
+STANDBY_ROLES = ("server",)
+
 
 class SpawnManager:
-    """The default backend: a detached process of our own (its own session)."""
+    """The default backend: a detached process of our own (its own session), and, for
+    servers, a warm standby: started ahead, waiting on a pipe for our go (`--standby`)."""
 
-    def __init__(self, paths: StatePaths) -> None:
+    def __init__(self, paths: StatePaths, warm_standby: bool = False) -> None:
         self.paths = paths
+        self.warm_standby = warm_standby
+        self.standbys: dict[str, tuple[int, int]] = {}  # name -> (pid, our end of its pipe)
 
     def start(self, spec: ChildSpec) -> int:
+        standby = self.standbys.pop(spec.name, None)
+        if standby is not None:
+            pid, go = standby
+            try:
+                os.write(go, b"g")  # it was started long ago: only its own start-up is left
+                return pid
+            except OSError:
+                procs.reap(pid)  # it died meanwhile: start from scratch
+            finally:
+                os.close(go)
         return procs.spawn(spec.args, self.paths.stderr(spec.name))
 
     def stopped_on_purpose(self, spec: ChildSpec, pid: int) -> bool:
         return False  # `theychat down` says so with the stopping marker instead
+
+    def prepare_standby(self, spec: ChildSpec) -> int | None:
+        if not self.warm_standby or spec.role not in STANDBY_ROLES:
+            return None
+        if spec.name in self.standbys:
+            pid, go = self.standbys[spec.name]
+            if procs.alive(pid):
+                return pid
+            self.drop_standby(spec)
+        read, go = os.pipe()  # both close-on-exec: the child gets `read` as its fd 3 only
+        try:
+            pid = procs.spawn([*spec.args, "--standby"], self.paths.stderr(spec.name), read)
+        except OSError:
+            os.close(go)
+            raise
+        finally:
+            os.close(read)
+        self.standbys[spec.name] = (pid, go)
+        return pid
+
+    def drop_standby(self, spec: ChildSpec) -> None:
+        standby = self.standbys.pop(spec.name, None)
+        if standby is not None:
+            pid, go = standby
+            os.close(go)  # it reads EOF and leaves; the kill only makes sure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            procs.reap(pid)
 
 
 async def _settle(value: T | Awaitable[T]) -> T:
@@ -108,7 +163,7 @@ class Supervisor:
         self.timeout_ms = heartbeat_timeout_ms
         self.start_timeout_ms = max(settings.start_timeout_ms, heartbeat_timeout_ms)
         self.listener = listener
-        self.manager = manager or SpawnManager(paths)
+        self.manager = manager or SpawnManager(paths, settings.warm_standby)
         self.on_gave_up = on_gave_up
         self.children: dict[str, Child] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -195,9 +250,22 @@ class Supervisor:
         self.log.info("restarting", child=child.spec.name, cause="found_dead", delay_ms=0)
         return time.monotonic()
 
+    async def _standby_when_alive(self, child: Child) -> None:
+        """A warm standby is started only once the child beats: started earlier, it could
+        win the child's lock from the very process it stands in for."""
+        deadline = time.monotonic() + self.start_timeout_ms / 1000
+        while child.watch.accepted == child.beats_at_start and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if child.watch.accepted == child.beats_at_start or child.state != "running":
+            return
+        pid = self.manager.prepare_standby(child.spec)
+        if pid is not None:
+            self.log.info("standby_started", child=child.spec.name, standby_pid=pid)
+
     async def _keep(self, child: Child) -> None:
         found_dead = self._found_dead(child)
         await self._start(child)
+        self._tasks.append(asyncio.ensure_future(self._standby_when_alive(child)))
         if found_dead is not None:
             child.restarts += 1
             child.recent.append(found_dead)
@@ -222,6 +290,7 @@ class Supervisor:
             child.recent = prune(child.recent, declared, self.policy.window_s)
             decision = decide(self.policy, child.recent, declared)
             if decision.action == "give_up":
+                self.manager.drop_standby(child.spec)
                 child.state = "gave_up"
                 self.log.error("gave_up", child=child.spec.name,
                                restarts_in_window=decision.restarts_in_window,
@@ -240,6 +309,7 @@ class Supervisor:
             child.restarts += 1
             child.recent.append(declared)
             self._tasks.append(asyncio.ensure_future(self._report_restarted(child, declared)))
+            self._tasks.append(asyncio.ensure_future(self._standby_when_alive(child)))
 
     def _silence_ms(self, child: Child) -> int:
         """How long we had heard nothing valid from the child when we declared it dead."""
@@ -314,6 +384,8 @@ class Supervisor:
     async def stop(self, name: str, timeout: float = 10.0) -> None:
         """Forget a child, then end it: SIGTERM, and SIGKILL if it does not go in time."""
         child = self.forget(name)
+        if child is not None:
+            self.manager.drop_standby(child.spec)  # first: it would take over
         if child is None or child.pid is None:
             return
         child.state = "stopped"
@@ -329,5 +401,7 @@ class Supervisor:
         return [c.status() for c in self.children.values()]
 
     async def close(self) -> None:
+        for child in self.children.values():
+            self.manager.drop_standby(child.spec)
         for t in self._tasks:
             t.cancel()

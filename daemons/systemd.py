@@ -170,6 +170,12 @@ class SystemdManager:
                       unit_state=f"{props.get('ActiveState')}/{props.get('SubState')}")
         return None
 
+    def prepare_standby(self, spec: ChildSpec) -> int | None:
+        return None  # systemd starts each unit once: no second copy waits (docs/systemd.md)
+
+    def drop_standby(self, spec: ChildSpec) -> None:
+        return None
+
     async def stopped_on_purpose(self, spec: ChildSpec, pid: int) -> bool:
         """Did the child exit with status 0 (systemctl stop, SIGTERM)? Asked to systemd,
         which reaps it; our pidfd usually fires a few milliseconds before it has."""

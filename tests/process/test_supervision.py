@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +178,42 @@ def test_a_clean_stop_is_not_found_dead(make_tree) -> None:  # type: ignore[no-u
     events = [e for e in t.log_events("server-monitor@rust")
               if e["event"] == "peer_declared_dead"]
     assert events == []
+
+
+def test_a_warm_standby_takes_over_a_dead_server_and_a_new_one_waits(make_tree) -> None:  # type: ignore[no-untyped-def]
+    t = make_tree()
+    a, b = Client(t.port, "a34"), Client(t.port, "b34")
+    a.join("rust")
+    b.join("rust")
+    standby = t.wait_event("server-monitor@rust", "standby_started", child="server@rust")
+    os.kill(t.pid("server@rust"), signal.SIGKILL)
+    dead = t.wait_event("server-monitor@rust", "peer_declared_dead", child="server@rust")
+    back = t.wait_event("server-monitor@rust", "child_started", child="server@rust",
+                        after=dead["ts"])
+    assert back["child_pid"] == standby["standby_pid"]
+    t.wait_event("server-monitor@rust", "restarted", child="server@rust")
+    a.send("still here")
+    assert b.expect("a34:") == "[rust] a34: still here"  # the sockets came along
+    # a new standby waits behind the new server
+    later = [e for e in t.log_events("server-monitor@rust") if e["event"] == "standby_started"]
+    deadline = time.monotonic() + WAIT_S
+    while len(later) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        later = [e for e in t.log_events("server-monitor@rust")
+                 if e["event"] == "standby_started"]
+    assert len(later) == 2 and later[1]["standby_pid"] != standby["standby_pid"]
+
+
+def test_a_standby_leaves_with_its_monitor(make_tree) -> None:  # type: ignore[no-untyped-def]
+    t = make_tree()
+    standby = t.wait_event("server-monitor@rust", "standby_started", child="server@rust")
+    os.kill(t.pid("server-monitor@rust"), signal.SIGKILL)
+    deadline = time.monotonic() + WAIT_S
+    while os.path.exists(f"/proc/{standby['standby_pid']}/cmdline") and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(standby["standby_pid"], os.WNOHANG)
+        time.sleep(0.05)
+    stat = Path(f"/proc/{standby['standby_pid']}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1][0] == "Z"
+    t.wait_event("router", "restarted", child="server-monitor@rust")
+    t.wait_healthy()
