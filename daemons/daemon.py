@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import os
 import signal
 import sys
@@ -150,6 +149,9 @@ def _fail(name: str, text: str, code: int) -> int:
     return code
 
 
+LOCK_GRACE_S = 2.0
+
+
 def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m daemons.{role.replace('-', '_')}")
     parser.add_argument("--config")
@@ -171,9 +173,9 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
     lock_fd = os.open(paths.lockfile(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     if args.standby and (not procs.wait_for_go(procs.STANDBY_FD) or paths.stopping.exists()):
         return 0  # our supervisor is gone, or TheyChat is stopping: nothing to take over
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    # A standby is told to go the moment its predecessor is seen dead, which can be a
+    # moment before the kernel has let go of that process's lock: wait that moment out.
+    if not procs.lock(lock_fd, LOCK_GRACE_S if args.standby else 0.0):
         return _fail(name, "already running (its lock is held)", EXIT_LOCKED)
     previous = procs.read_pidfile(paths.pidfile(name))
     incarnation = previous.incarnation + 1 if previous else 1

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +152,19 @@ def signal_process(rec: PidRecord, sig: int) -> bool:
         return False
     finally:
         os.close(pidfd)
+
+
+def lock(fd: int, grace_s: float) -> bool:
+    """Take an exclusive flock on `fd`, trying for up to `grace_s` seconds."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
 
 def wait_for_go(fd: int) -> bool:

@@ -250,13 +250,22 @@ class Supervisor:
         self.log.info("restarting", child=child.spec.name, cause="found_dead", delay_ms=0)
         return time.monotonic()
 
+    async def _first_beat(self, child: Child) -> bool:
+        """Wait (bounded) for the first valid beat of the child's current process; False
+        if none came, or if that process was replaced meanwhile (its successor's waits
+        are their own)."""
+        pid, since = child.pid, child.beats_at_start
+        deadline = time.monotonic() + self.start_timeout_ms / 1000
+        while child.pid == pid and child.watch.accepted == since:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return child.pid == pid
+
     async def _standby_when_alive(self, child: Child) -> None:
         """A warm standby is started only once the child beats: started earlier, it could
         win the child's lock from the very process it stands in for."""
-        deadline = time.monotonic() + self.start_timeout_ms / 1000
-        while child.watch.accepted == child.beats_at_start and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if child.watch.accepted == child.beats_at_start or child.state != "running":
+        if not await self._first_beat(child) or child.state != "running":
             return
         pid = self.manager.prepare_standby(child.spec)
         if pid is not None:
@@ -364,10 +373,7 @@ class Supervisor:
 
     async def _report_restarted(self, child: Child, declared: float) -> None:
         """Log `restarted` once the new process proves alive with a valid heartbeat."""
-        deadline = time.monotonic() + self.start_timeout_ms / 1000
-        while child.watch.accepted == child.beats_at_start and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        if child.watch.accepted == child.beats_at_start:
+        if not await self._first_beat(child):
             return  # it died again meanwhile; _keep reports that
         self.log.info("restarted", child=child.spec.name, child_pid=child.pid,
                       restarts=child.restarts,
