@@ -50,6 +50,17 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout these benchmarks belong to
+
+
+def use_this_checkout() -> None:
+    """Daemons started from here (`python -m daemons.X`) import this checkout's code, not
+    whatever `theychat` is installed (an editable install of another worktree, say)."""
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if str(ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, paths)])
+
+
 def raise_nofile() -> int:
     """Raise our soft limit on open files to the hard one (the tree inherits it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -63,6 +74,7 @@ def tree_up(topics: Sequence[str], overrides: dict[str, Any] | None = None,
             keep: bool = False) -> Iterator[Tree]:
     """A fresh tree (state dir under /tmp, free loopback port), always stopped after."""
     raise_nofile()
+    use_this_checkout()
     cfg = merge(BENCH_OVERRIDES, overrides or {})
     cfg["topics"] = list(topics)
     tree = Tree(cfg, keep)
