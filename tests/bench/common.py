@@ -168,17 +168,32 @@ class CpuMeter:
 
     def start(self) -> None:
         self._t0, self._start = time.monotonic(), self._sample()
+        self._machine = machine_busy()
 
     def stop(self) -> dict[str, float]:
-        """Percent of one core per process name over the interval."""
+        """Percent of one core per process name over the interval, and under OTHERS what
+        the rest of the machine used meanwhile (other programs: the noise)."""
         elapsed = time.monotonic() - self._t0
         end = self._sample()
+        busy = machine_busy() - self._machine
         out: dict[str, float] = {}
         for pid, name in self.names.items():
             if pid in end and pid in self._start:
                 out[name] = out.get(name, 0.0) + (end[pid] - self._start[pid]) / elapsed * 100
+        out[OTHERS] = max(0.0, busy / elapsed * 100 - sum(out.values()))
         self.percent = dict(sorted(out.items()))
         return self.percent
+
+
+OTHERS = "not TheyChat"
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
 
 
 # --- statistics and reports --------------------------------------------------------------

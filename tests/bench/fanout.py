@@ -25,6 +25,7 @@ from typing import Any
 from tests.bench import loadgen
 from tests.bench.common import (
     BENCH_OVERRIDES,
+    OTHERS,
     BenchError,
     CpuMeter,
     Target,
@@ -67,7 +68,9 @@ def run_case(tree: Tree, topics: Sequence[str], members: int, warmup: float,
             loadgen.close(g.members)
     for t in topics:
         wait_members(tree, t, 0)
+    servers = sum(v for n, v in cpu.percent.items() if n.startswith("server@")) / 100
     return {"case": name, "topics": len(topics), "members": members, "senders": SENDERS,
+            "server_cpu_us_per_delivery": servers / max(result.deliveries_per_s, 1) * 1e6,
             "window": window, "seconds": round(result.seconds, 3),
             "deliveries_per_s": result.deliveries_per_s,
             "messages_per_s": result.messages_per_s,
@@ -102,7 +105,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"fsync": mode, "case": case, "runs": len(rs),
                     **{k: median([r[k] for r in rs if r[k] is not None])
                        for k in ("deliveries_per_s", "messages_per_s", "p50_ms", "p99_ms",
-                                 "drained_s")},
+                                 "drained_s", "server_cpu_us_per_delivery")},
                     "deliveries_per_s_all": [round(r["deliveries_per_s"]) for r in rs],
                     "cpu_percent": cpu})
     return out
@@ -131,7 +134,7 @@ def short_cpu(cpu: dict[str, float]) -> str:
     summed unless one of them is busy."""
     shown, rest = [], 0.0
     for name, v in cpu.items():
-        if name.startswith("server@") or name == "load generator" or v >= 5:
+        if name.startswith("server@") or name in ("load generator", OTHERS) or v >= 5:
             shown.append(f"{name.replace('load generator', 'loadgen')} {v:.0f}")
         else:
             rest += v
@@ -140,13 +143,15 @@ def short_cpu(cpu: dict[str, float]) -> str:
 
 def table(medians: Sequence[dict[str, Any]], runs: int) -> str:
     head = (f"{'fsync':<7}{'case':<7}{'deliveries/s':>13}{'messages/s':>11}"
-            f"{'p50 ms':>8}{'p99 ms':>8} | CPU % of one core (median)")
+            f"{'p50 ms':>8}{'p99 ms':>8}{'us/dlv':>7} | CPU % of one core (median)")
     lines = [f"fan-out: medians of {runs} run(s); case TxC = T topics of C members, "
-             f"{SENDERS} senders per topic, closed loop", head, "-" * (len(head) + 30)]
+             f"{SENDERS} senders per topic, closed loop; us/dlv = CPU microseconds of the "
+             "topic servers per delivery", head, "-" * (len(head) + 30)]
     for m in medians:
         lines.append(f"{m['fsync']:<7}{m['case']:<7}{fmt(m['deliveries_per_s']):>13}"
                      f"{fmt(m['messages_per_s']):>11}{fmt(m['p50_ms'], 2):>8}"
-                     f"{fmt(m['p99_ms'], 2):>8} | {short_cpu(m['cpu_percent'])}")
+                     f"{fmt(m['p99_ms'], 2):>8}{fmt(m['server_cpu_us_per_delivery'], 2):>7}"
+                     f" | {short_cpu(m['cpu_percent'])}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from tests.bench import loadgen
 from tests.bench.common import (
     BENCH_OVERRIDES,
+    OTHERS,
     BenchError,
     CpuMeter,
     Target,
@@ -82,7 +83,7 @@ def targets(m: dict[str, Any]) -> list[Target]:
 
 def table(m: dict[str, Any]) -> str:
     cpu = ", ".join(f"{n.replace('load generator', 'loadgen')} {v:.0f}"
-                    for n, v in m["cpu_percent"].items() if v >= 1)
+                    for n, v in m["cpu_percent"].items() if v >= 1 or n == OTHERS)
     return "\n".join([
         f"latency at a fixed offered load: medians of {m['runs']} run(s)",
         f"  offered {m['offered_deliveries_per_s']:,.0f} deliveries/s, delivered "
