@@ -14,7 +14,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -297,6 +297,25 @@ class ClientConn(asyncio.Protocol):
         except ControlError:
             return False  # no monitor, no copy: the target cannot have kept it
         return reply.get("held") is True
+
+
+def write_each(conns: Iterable[ClientConn], data: bytes) -> None:
+    """`conn.write(data)` for every conn, in one loop: the fan-out of one message to a
+    whole topic costs a list append per member. Keep in step with `ClientConn.write`."""
+    if not data:
+        return
+    n = len(data)
+    call_soon = asyncio.get_running_loop().call_soon
+    for conn in conns:
+        if conn.transport is None or conn.detached or conn.close_reason:
+            continue
+        out = conn._out
+        if not out:
+            call_soon(conn.flush)
+        out.append(data)
+        conn._out_bytes += n
+        if conn._out_bytes > conn.limits.output_queue_bytes:
+            conn.flush()
 
 
 async def attach(owner: Owner, session: Session, fd: int, limits: Clients, log: Any) -> ClientConn:
