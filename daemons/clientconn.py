@@ -14,7 +14,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,6 +91,10 @@ class ClientConn(asyncio.Protocol):
         self._errors_in_a_row = 0
         self._dropped_in_a_row = 0
         self._task: asyncio.Future[None] | None = None  # the command now running
+        # Bytes written during this turn of the event loop, handed to the transport
+        # together at its end: one send() per client per turn, however many events.
+        self._out: list[bytes] = []
+        self._out_bytes = 0
         self.peer = ""
         self.peer_hint = ""  # who is really behind a bridged (TLS) connection
 
@@ -204,17 +208,40 @@ class ClientConn(asyncio.Protocol):
         self.write(render.encode(event, self.session.json))
 
     def write(self, data: bytes) -> None:
-        """Queue bytes; a client that does not read is cut off, never buffered forever."""
-        t = self.transport
-        if t is None or self.detached or self.close_reason or not data:
+        """Queue bytes; a client that does not read is cut off, never buffered forever.
+
+        The bytes go out at the end of this turn of the event loop, with everything else
+        written to this client in it, in order (a fan-out of many messages is one send).
+        """
+        if self.transport is None or self.detached or self.close_reason or not data:
             return
-        t.write(data)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes > self.limits.output_queue_bytes:
+            self.flush()  # a turn's worth beyond the limit: let the transport judge now
+
+    def flush(self) -> None:
+        """Hand what this turn wrote to the transport; cut the client off if more than
+        `output_queue_bytes` are then waiting for it to read."""
+        out, self._out, self._out_bytes = self._out, [], 0
+        t = self.transport
+        if not out or t is None or self.detached or self.close_reason:
+            return
+        t.write(out[0] if len(out) == 1 else b"".join(out))
         if t.get_write_buffer_size() > self.limits.output_queue_bytes:
             self.close("too slow: output queue full", abort=True)
 
     def close(self, reason: str, abort: bool = False) -> None:
         if self.close_reason or self.detached or self.transport is None:
             return
+        if abort:
+            self._out, self._out_bytes = [], 0
+        else:
+            self.flush()  # what was said before closing still goes out (`bye`)
+            if self.close_reason:
+                return  # that flush found the client too slow and cut it off
         self.close_reason = reason
         if abort:
             self.transport.abort()
@@ -225,7 +252,10 @@ class ClientConn(asyncio.Protocol):
 
     async def _flushed(self, timeout: float = 2.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.transport and self.transport.get_write_buffer_size():
+        while True:
+            self.flush()  # this turn's bytes first
+            if not (self.transport and self.transport.get_write_buffer_size()):
+                return
             if time.monotonic() > deadline:
                 raise ControlError("client is not reading", "slow_client")
             await asyncio.sleep(0.002)
@@ -267,6 +297,25 @@ class ClientConn(asyncio.Protocol):
         except ControlError:
             return False  # no monitor, no copy: the target cannot have kept it
         return reply.get("held") is True
+
+
+def write_each(conns: Iterable[ClientConn], data: bytes) -> None:
+    """`conn.write(data)` for every conn, in one loop: the fan-out of one message to a
+    whole topic costs a list append per member. Keep in step with `ClientConn.write`."""
+    if not data:
+        return
+    n = len(data)
+    call_soon = asyncio.get_running_loop().call_soon
+    for conn in conns:
+        if conn.transport is None or conn.detached or conn.close_reason:
+            continue
+        out = conn._out
+        if not out:
+            call_soon(conn.flush)
+        out.append(data)
+        conn._out_bytes += n
+        if conn._out_bytes > conn.limits.output_queue_bytes:
+            conn.flush()
 
 
 async def attach(owner: Owner, session: Session, fd: int, limits: Clients, log: Any) -> ClientConn:

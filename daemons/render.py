@@ -12,9 +12,12 @@ import json
 from client.text import Event as Event
 from client.text import text_lines as text_lines
 
+# json.dumps with options builds a new encoder at every call; events use this one.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
 
 def encode_json(event: Event) -> bytes:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return _JSON.encode(event).encode() + b"\n"
 
 
 def encode_text(event: Event) -> bytes:

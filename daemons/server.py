@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from daemons import control, daemon, fdstore
-from daemons.clientconn import ClientConn, Session, attach
+from daemons.clientconn import ClientConn, Session, attach, write_each
 from daemons.commands import CommandHandler, Pending, handoff_error
 from daemons.control import Message, fail, ok
 from daemons.daemon import Daemon
@@ -193,17 +193,19 @@ class Server(CommandHandler):
                   only: list[str] | None = None) -> None:
         """Send one event to every member (or those in `only`) but `skip`, encoded once
         per mode."""
-        encoded: dict[bool, bytes] = {}
-        targets = [(s, self.conns.get(s)) for s in only] if only is not None else list(
-            self.conns.items())
-        for sid, conn in targets:
-            if sid == skip or conn is None:
-                continue
-            mode = conn.session.json
-            data = encoded.get(mode)
-            if data is None:
-                data = encoded[mode] = encode(event, mode)
-            conn.write(data)
+        by_mode: tuple[list[ClientConn], list[ClientConn]] = ([], [])  # text, JSON
+        if only is None:
+            for sid, conn in self.conns.items():
+                if sid != skip:
+                    by_mode[conn.session.json].append(conn)
+        else:
+            for sid in only:
+                member = self.conns.get(sid)
+                if sid != skip and member is not None:
+                    by_mode[member.session.json].append(member)
+        for mode, conns in enumerate(by_mode):
+            if conns:
+                write_each(conns, encode(event, bool(mode)))
 
     def announce(self, rec: dict[str, Any], nick: str, what: str, reason: str | None = None,
                  skip: str | None = None, **extra: Any) -> None:

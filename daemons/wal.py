@@ -64,11 +64,13 @@ class _Pending(NamedTuple):
     snapshot: bool
 
 
+# json.dumps with options builds a new encoder at every call; records use this one.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def encode(record: Record) -> bytes:
     """One record as it goes on disk; raises WalError if its payload exceeds 16 MiB."""
-    payload = json.dumps(
-        record, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
+    payload = _JSON.encode(record).encode()
     if len(payload) > MAX_PAYLOAD:
         raise WalError(f"record of {len(payload)} bytes exceeds the {MAX_PAYLOAD} byte limit")
     return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
