@@ -139,7 +139,13 @@ class Server(CommandHandler):
                     conn.send({"type": "sent", "topic": self.topic, "seq": msg["seq"]})
         if unsent:
             self.log.info("unsent_delivered", count=len(unsent), first=unsent[0]["seq"])
-        self.fanned.set(self.room.durable_seq)
+        self._mark_fanned(self.room.durable_seq)
+
+    def _mark_fanned(self, seq: int) -> None:
+        """Move the watermark once what was written for `seq` is in the kernel's hands:
+        connections hand this turn's bytes to their sockets in callbacks scheduled
+        before this one (ClientConn.write), and a death before then must resend."""
+        asyncio.get_running_loop().call_soon(self.fanned.set, seq)
 
     async def _moved_elsewhere(self, sids: list[str]) -> dict[str, str]:
         """Restored sessions the router places somewhere else ('' = the lobby)."""
@@ -226,7 +232,7 @@ class Server(CommandHandler):
         if event["type"] == "message":
             self.room.durable(event["seq"])
             self.broadcast(self.room.public(event), skip=skip)
-            self.fanned.set(event["seq"])
+            self._mark_fanned(event["seq"])
         else:
             self.broadcast(event, skip=skip, only=only)
 
