@@ -88,7 +88,9 @@ def spawn(args: list[str], stderr_path: Path, go_fd: int | None = None) -> int:
     becomes the child's fd STANDBY_FD (a standby's pipe from its supervisor).
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH")) if p)
+    # Our code first, once: children of children must not grow the path each generation.
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != _CODE_ROOT]
+    env["PYTHONPATH"] = os.pathsep.join([_CODE_ROOT, *dict.fromkeys(rest)])
     env["PYTHONUNBUFFERED"] = "1"
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),

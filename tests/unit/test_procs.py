@@ -1,4 +1,5 @@
-"""A standby told to go waits a moment for its dead predecessor's lock, no longer."""
+"""Process helpers: a standby waits a moment for its dead predecessor's lock, and spawned
+children keep a stable Python path."""
 
 from __future__ import annotations
 
@@ -33,3 +34,19 @@ def test_a_lock_held_beyond_the_grace_is_refused(tmp_path: Path) -> None:
     finally:
         os.close(holder)
         os.close(waiter)
+
+
+def test_children_of_children_do_not_grow_the_python_path(tmp_path: Path) -> None:
+    root = procs._CODE_ROOT
+    out = tmp_path / "out"
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, "/elsewhere", "/elsewhere", root])
+    try:
+        pid = procs.spawn(["-c", "import os; print(os.environ['PYTHONPATH'])"], out)
+        os.waitpid(pid, 0)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert out.read_text().strip() == os.pathsep.join([root, "/elsewhere"])
