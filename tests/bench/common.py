@@ -21,7 +21,8 @@ from typing import Any
 
 from daemons import control
 from daemons.errors import ControlError
-from tests.bench.failover import Tree, merge, nearest_rank
+from daemons.soak.tree import merge
+from tests.bench.failover import Tree, nearest_rank
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

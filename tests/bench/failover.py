@@ -28,29 +28,28 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemons import cli, config, procs
-from daemons.paths import StatePaths
+from daemons import procs
+from daemons.soak.plan import supervisor_of
+from daemons.soak.tree import HOST, merge, read_events
+from daemons.soak.tree import Tree as SoakTree
 
 KINDS = ("server", "server-monitor", "router", "router-monitor")
 SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}
 TOPICS = ["rust", "python"]
-HOST = "127.0.0.1"
 
 SEND_INTERVAL_S = 0.010  # A's message rate: 100 Hz
 ROUND_TIMEOUT_S = 10.0  # injection -> `restarted` and -> every daemon ready, each
@@ -84,16 +83,6 @@ ISOLATE_OVERRIDES: dict[str, Any] = {"supervision": {"window_s": 0.1}}
 MESSAGE_RX = re.compile(r"^bench (\d+) (\d+\.\d+)$")
 
 
-def supervisor_of(name: str) -> str:
-    if name.startswith("server@"):
-        return "server-monitor@" + name.split("@", 1)[1]
-    if name.startswith("server-monitor@") or name == "router-monitor":
-        return "router"
-    if name == "router":
-        return "router-monitor"
-    raise ValueError(f"unknown daemon {name!r}")
-
-
 def kind_of(name: str) -> str:
     return name.split("@", 1)[0]
 
@@ -103,12 +92,6 @@ def parse_ts(ts: str) -> float:
     return datetime.fromisoformat(ts).timestamp()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def nearest_rank(values: Sequence[float], p: float) -> float:
     """The p-th percentile, nearest-rank method: with n < 100, p99 is the maximum."""
     ordered = sorted(values)
@@ -116,82 +99,15 @@ def nearest_rank(values: Sequence[float], p: float) -> float:
     return ordered[rank - 1]
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
-    return out
-
-
 # --- the tree -------------------------------------------------------------------------
 
 
-class Tree:
-    """A TheyChat tree of our own: started, watched and always stopped by us."""
+class Tree(SoakTree):
+    """A TheyChat tree of our own, with the benchmark's topics: started, watched and
+    always stopped by us."""
 
     def __init__(self, overrides: dict[str, Any], keep: bool) -> None:
-        # Short path under /tmp: Unix socket paths are limited to 107 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix="tc-bench-", dir="/tmp"))
-        self.state = self.root / "state"
-        self.port = free_port()
-        self.keep = keep
-        cfg = merge({"state_dir": str(self.state), "listen": {"host": HOST, "port": self.port},
-                     "topics": TOPICS}, overrides)
-        self.config = self.root / "theychat.yaml"
-        self.config.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
-        self.cfg = config.load(str(self.config))
-        self.paths = StatePaths(self.state)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "daemons", *args, "--config",
-                               str(self.config)], capture_output=True, text=True,
-                              timeout=CLI_TIMEOUT_S, check=False)
-
-    def up(self) -> None:
-        res = self.cli("up")
-        if res.returncode != 0:
-            raise RuntimeError(f"theychat up failed: {res.stderr.strip()}")
-
-    def status(self) -> list[dict[str, Any]]:
-        """The rows of `theychat status --json` (the same function, called in-process:
-        one poll costs milliseconds instead of a Python start-up)."""
-        return cli.gather(self.cfg, self.paths)
-
-    def pid_record(self, name: str) -> procs.PidRecord | None:
-        return procs.read_pidfile(self.paths.pidfile(name))
-
-    def log(self, name: str) -> Path:
-        return self.paths.log(name)
-
-    def processes(self) -> list[int]:
-        """Every live daemon of this tree (`python -m daemons.*` with our state dir in
-        its command line), so nothing is left behind, not even a stopped one."""
-        found = []
-        needle = str(self.state).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            ours = any(a == b"-m" and b.startswith(b"daemons") for a, b in itertools.pairwise(args))
-            if ours and any(needle in a for a in args) and procs.alive(int(entry.name)):
-                found.append(int(entry.name))
-        return found
-
-    def stop(self) -> list[int]:
-        """`theychat down`, then SIGKILL whatever is still there; returns those pids."""
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            self.cli("down")
-        left = self.processes()
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-        return left
+        super().__init__(overrides, keep, base={"topics": TOPICS}, prefix="tc-bench-")
 
 
 class LogTail:
@@ -219,16 +135,6 @@ class LogTail:
                 if isinstance(ev, dict):
                     events.append(ev)
         return events
-
-
-def read_events(path: Path) -> Iterator[dict[str, Any]]:
-    if not path.exists():
-        return
-    for line in path.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            ev = json.loads(line)
-            if isinstance(ev, dict):
-                yield ev
 
 
 # --- the clients ----------------------------------------------------------------------
