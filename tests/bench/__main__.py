@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress(f"{name}: FAILED: {e}")
                 continue
             docs[name] = doc
+            failed += [f"{name}: {e}" for e in doc.get("errors", [])]
             tables.append(text)
             print(text + "\n", flush=True)
     except KeyboardInterrupt:

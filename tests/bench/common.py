@@ -186,6 +186,28 @@ class CpuMeter:
 
 
 OTHERS = "not TheyChat"
+QUIET_PERCENT = 25.0  # of one core: what other programs may use while we measure
+QUIET_WAIT_S = 20.0
+
+
+def wait_quiet(tree: Tree, limit: float = QUIET_PERCENT, timeout: float = QUIET_WAIT_S
+               ) -> float:
+    """On a shared machine, wait (at most `timeout`) until programs other than the tree
+    and us use under `limit` percent of a core over a second; returns what they used
+    in the last second (the figures that follow are noisy if it is high)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meter = CpuMeter(tree)
+        meter.start()
+        time.sleep(1.0)
+        foreign = meter.stop()[OTHERS]
+        if foreign < limit or time.monotonic() > deadline:
+            if foreign >= limit:
+                progress(f"  the machine is busy ({foreign:.0f}% of a core used by other "
+                         "programs): measuring anyway")
+            return foreign
+        progress(f"  waiting for a quieter machine ({foreign:.0f}% of a core used by other "
+                 "programs)")
 
 
 def machine_busy() -> float:
