@@ -21,6 +21,7 @@ from tests.bench.common import (
     median,
     pct,
     progress,
+    stop_on_sigterm,
     use_this_checkout,
 )
 
@@ -124,6 +125,7 @@ def run(runs: int, rounds: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_sigterm()
     p = argparse.ArgumentParser(prog="python -m tests.bench.failover_summary")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)

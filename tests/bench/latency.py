@@ -31,6 +31,7 @@ from tests.bench.common import (
     machine,
     median,
     progress,
+    stop_on_sigterm,
     tree_up,
     wait_members,
     wait_quiet,
@@ -130,6 +131,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_sigterm()
     args = parse_args(argv)
     try:
         doc = run(args)
