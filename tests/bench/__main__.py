@@ -20,7 +20,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tests.bench import failover_summary, fanout, latency, memory
-from tests.bench.common import BENCH_OVERRIDES, BenchError, Target, machine, progress
+from tests.bench.common import (
+    BENCH_OVERRIDES,
+    BenchError,
+    Target,
+    machine,
+    progress,
+    stop_on_sigterm,
+)
 
 NAMES = ("fanout", "latency", "memory", "failover")
 
@@ -43,6 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_sigterm()
     args = parse_args(argv)
     runs = ["--runs", str(args.runs)] + (["--quick"] if args.quick else [])
     docs: dict[str, Any] = {"machine": machine(), "config_overrides": BENCH_OVERRIDES,
@@ -66,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress(f"{name}: FAILED: {e}")
                 continue
             docs[name] = doc
+            failed += [f"{name}: {e}" for e in doc.get("errors", [])]
             tables.append(text)
             print(text + "\n", flush=True)
     except KeyboardInterrupt:

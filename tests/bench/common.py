@@ -10,6 +10,7 @@ import itertools
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from daemons import control
@@ -60,6 +62,15 @@ def use_this_checkout() -> None:
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(ROOT) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, paths)])
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, through the `finally` that stops the tree."""
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut it short
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def raise_nofile() -> int:
@@ -187,6 +198,28 @@ class CpuMeter:
 
 
 OTHERS = "not TheyChat"
+QUIET_PERCENT = 25.0  # of one core: what other programs may use while we measure
+QUIET_WAIT_S = 20.0
+
+
+def wait_quiet(tree: Tree, limit: float = QUIET_PERCENT, timeout: float = QUIET_WAIT_S
+               ) -> float:
+    """On a shared machine, wait (at most `timeout`) until programs other than the tree
+    and us use under `limit` percent of a core over a second; returns what they used
+    in the last second (the figures that follow are noisy if it is high)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meter = CpuMeter(tree)
+        meter.start()
+        time.sleep(1.0)
+        foreign = meter.stop()[OTHERS]
+        if foreign < limit or time.monotonic() > deadline:
+            if foreign >= limit:
+                progress(f"  the machine is busy ({foreign:.0f}% of a core used by other "
+                         "programs): measuring anyway")
+            return foreign
+        progress(f"  waiting for a quieter machine ({foreign:.0f}% of a core used by other "
+                 "programs)")
 
 
 def machine_busy() -> float:

@@ -33,8 +33,10 @@ from tests.bench.common import (
     machine,
     median,
     progress,
+    stop_on_sigterm,
     tree_up,
     wait_members,
+    wait_quiet,
 )
 from tests.bench.failover import Tree
 
@@ -60,6 +62,7 @@ def run_case(tree: Tree, topics: Sequence[str], members: int, warmup: float,
         for t in topics:
             wait_members(tree, t, members)
         time.sleep(0.3)  # presence of the last arrivals is out
+        quiet = wait_quiet(tree)
         cpu = CpuMeter(tree)
         result = loadgen.run_groups(groups, warmup, seconds, window=window,
                                     on_start=cpu.start, on_end=cpu.stop)
@@ -76,7 +79,8 @@ def run_case(tree: Tree, topics: Sequence[str], members: int, warmup: float,
             "messages_per_s": result.messages_per_s,
             "p50_ms": result.latency_ms(50), "p99_ms": result.latency_ms(99),
             "latency_samples": len(result.latencies_us),
-            "drained_s": result.drained_s, "cpu_percent": cpu.percent}
+            "drained_s": result.drained_s, "cpu_percent": cpu.percent,
+            "others_before_percent": quiet}
 
 
 def run_tree(fsync: str, sizes: Sequence[int], multi: bool, warmup: float, seconds: float,
@@ -197,6 +201,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_sigterm()
     args = parse_args(argv)
     try:
         doc = run(args)

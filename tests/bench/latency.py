@@ -31,8 +31,10 @@ from tests.bench.common import (
     machine,
     median,
     progress,
+    stop_on_sigterm,
     tree_up,
     wait_members,
+    wait_quiet,
 )
 from tests.bench.failover import Tree
 
@@ -49,6 +51,7 @@ def run_once(tree: Tree, rate: float, receivers: int, warmup: float,
         group = loadgen.make_group(TOPIC, members, 1)
         wait_members(tree, TOPIC, receivers + 1)
         time.sleep(0.3)
+        quiet = wait_quiet(tree)
         cpu = CpuMeter(tree)
         result = loadgen.run_groups([group], warmup, seconds, rate=rate,
                                     on_start=cpu.start, on_end=cpu.stop)
@@ -61,7 +64,8 @@ def run_once(tree: Tree, rate: float, receivers: int, warmup: float,
             "p50_ms": result.latency_ms(50), "p99_ms": result.latency_ms(99),
             "p999_ms": result.latency_ms(99.9), "max_ms": result.latency_ms(100),
             "latency_samples": len(result.latencies_us),
-            "sender_max_lag_ms": result.max_lag_ms, "cpu_percent": cpu.percent}
+            "sender_max_lag_ms": result.max_lag_ms, "cpu_percent": cpu.percent,
+            "others_before_percent": quiet}
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -127,6 +131,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_sigterm()
     args = parse_args(argv)
     try:
         doc = run(args)

@@ -33,6 +33,7 @@ from tests.bench.common import (
     median,
     memory_kib,
     progress,
+    stop_on_sigterm,
     tree_up,
     wait_members,
 )
@@ -164,6 +165,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop_on_sigterm()
     args = parse_args(argv)
     try:
         doc = run(args)
