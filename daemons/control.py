@@ -27,6 +27,7 @@ from daemons.errors import ControlError
 # message must fit in it whole.
 MAX_PACKET = 192 * 1024
 MAX_FDS = 64  # per packet; fd_fetch sends up to fdstore.FETCH_BATCH
+CONNECT_RETRY_S = 0.002  # while a peer's listen backlog is full
 Message = dict[str, Any]
 Handler = Callable[[Message, list[int]], Awaitable[Message]]
 
@@ -135,7 +136,7 @@ class ControlServer:
             sock.bind(str(self.path))
         finally:
             os.umask(old_umask)
-        sock.listen(64)
+        sock.listen(socket.SOMAXCONN)  # a burst of /join: each is one connection here
         sock.setblocking(False)
         self._sock = sock
         self._spawn(self._accept_loop())
@@ -203,6 +204,19 @@ class ControlServer:
             t.cancel()
 
 
+async def _connect(sock: socket.socket, path: Path) -> None:
+    """Connect a non-blocking Unix socket. A full listen backlog makes connect() fail with
+    EAGAIN at once (unlike TCP, nothing is in progress): asyncio's sock_connect would then
+    wait for writability and wrongly report a connection, so retry ourselves instead
+    (within the caller's timeout)."""
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except BlockingIOError:
+            await asyncio.sleep(CONNECT_RETRY_S)
+
+
 async def request_fds(
     path: Path, msg: Message, fds: Sequence[int] = (), timeout: float = 2.0
 ) -> tuple[Message, list[int]]:
@@ -211,7 +225,7 @@ async def request_fds(
     sock.setblocking(False)
     try:
         async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, str(path))
+            await _connect(sock, path)
             await send_packet(sock, encode(msg), fds)
             data, extra = await recv_packet(sock)
     except TimeoutError:
