@@ -218,7 +218,7 @@ def _match_faults(injected: list[dict[str, Any]], events: list[dict[str, Any]],
     for e in events:
         if e.get("event") == "peer_declared_dead":
             declared_by_child[str(e.get("child"))].append(e)
-        elif e.get("event") == "restarted":
+        elif e.get("event") in ("restarted", "child_adopted"):
             restarted_by_child[str(e.get("child"))].append(e)
     for f in injected:
         t = float(f["t"])
@@ -240,8 +240,11 @@ def _match_faults(injected: list[dict[str, Any]], events: list[dict[str, Any]],
             explained.update(id(e) for e in deaths)
             dead = deaths[0]
             res.declared[name] = dead["_t"] - t
+            # `restarted`, or (when the supervisor that restarted it died before its
+            # first beat) its new process adopted by that supervisor's successor.
             back = next((e for e in restarted_by_child[name]
-                         if dead["_t"] <= e["_t"] <= dead["_t"] + MATCH_WITHIN_S), None)
+                         if dead["_t"] <= e["_t"] <= dead["_t"] + MATCH_WITHIN_S
+                         and (e["event"] == "restarted" or e.get("child_pid") != pid)), None)
             res.restarted[name] = None if back is None else back["_t"] - t
             if back is None:
                 res.problems.append(f"no restarted for {name}")

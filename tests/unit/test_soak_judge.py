@@ -131,3 +131,12 @@ def test_a_fault_that_could_not_be_injected_fails() -> None:
 def test_percentiles_use_nearest_rank() -> None:
     assert percentiles([]) is None
     assert percentiles([3.0, 1.0, 2.0]) == (2.0, 3.0, 3.0)
+
+
+def test_a_replacement_adopted_by_a_new_supervisor_counts_as_restarted() -> None:
+    # The supervisor restarted its child, then died before the first beat: its
+    # successor adopts the new process instead of logging `restarted`.
+    adopted = [DEATH[0], ev(5.3, "child_adopted", child="server@x", child_pid=43)]
+    assert assess(RUN, [KILL], adopted, clean(), HEALTHY).ok
+    still_the_dead_one = [DEATH[0], ev(5.3, "child_adopted", child="server@x", child_pid=42)]
+    assert not assess(RUN, [KILL], still_the_dead_one, clean(), HEALTHY).ok
