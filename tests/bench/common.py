@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import platform
 import resource
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -280,3 +281,26 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "commit": commit,
             "uvloop_importable": has_uvloop,
             "loadavg_at_start": os.getloadavg()}
+
+
+def bench_main(name: str, args: Any, run: Callable[[Any], dict[str, Any]],
+               show: Callable[[dict[str, Any]], str]) -> int:
+    """The common end of every benchmark's main: run, print the table and the targets,
+    write --json; 1 on a failed run, 130 when interrupted (the tree is stopped)."""
+    try:
+        doc = run(args)
+    except BenchError as e:
+        print(f"{name}: FAILED: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; the tree was stopped", file=sys.stderr)
+        return 130
+    print(show(doc))
+    print("targets:")
+    for t in doc["targets"]:
+        print(Target(**t).line())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    return 0
+

@@ -16,7 +16,6 @@ load generator (/proc/PID/stat utime+stime deltas, percent of one core).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -26,9 +25,9 @@ from tests.bench import loadgen
 from tests.bench.common import (
     BENCH_OVERRIDES,
     OTHERS,
-    BenchError,
     CpuMeter,
     Target,
+    bench_main,
     fmt,
     machine,
     median,
@@ -203,22 +202,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     stop_on_sigterm()
     args = parse_args(argv)
-    try:
-        doc = run(args)
-    except BenchError as e:
-        print(f"fanout: FAILED: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fanout: interrupted; the tree was stopped", file=sys.stderr)
-        return 130
-    print(table(doc["medians"], args.runs))
-    print("targets:")
-    for t in doc["targets"]:
-        print(Target(**t).line())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-    return 0
+    return bench_main("fanout", args, run, lambda doc: table(doc["medians"], args.runs))
 
 
 if __name__ == "__main__":

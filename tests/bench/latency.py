@@ -14,7 +14,6 @@ probe line of the measured window. Every delivery is also counted: a loss is an 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -24,9 +23,9 @@ from tests.bench import loadgen
 from tests.bench.common import (
     BENCH_OVERRIDES,
     OTHERS,
-    BenchError,
     CpuMeter,
     Target,
+    bench_main,
     fmt,
     machine,
     median,
@@ -133,22 +132,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     stop_on_sigterm()
     args = parse_args(argv)
-    try:
-        doc = run(args)
-    except BenchError as e:
-        print(f"latency: FAILED: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("latency: interrupted; the tree was stopped", file=sys.stderr)
-        return 130
-    print(table(doc["medians"]))
-    print("targets:")
-    for t in doc["targets"]:
-        print(Target(**t).line())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-    return 0
+    return bench_main("latency", args, run, lambda doc: table(doc["medians"]))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Kernel memory (socket buffers, file descriptors) is not in either.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -26,8 +25,8 @@ from typing import Any
 from tests.bench import loadgen
 from tests.bench.common import (
     BENCH_OVERRIDES,
-    BenchError,
     Target,
+    bench_main,
     daemon_names,
     machine,
     median,
@@ -167,22 +166,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     stop_on_sigterm()
     args = parse_args(argv)
-    try:
-        doc = run(args)
-    except BenchError as e:
-        print(f"memory: FAILED: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("memory: interrupted; the tree was stopped", file=sys.stderr)
-        return 130
-    print(table(doc["medians"], args.runs))
-    print("targets:")
-    for t in doc["targets"]:
-        print(Target(**t).line())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-    return 0
+    return bench_main("memory", args, run, lambda doc: table(doc["medians"], args.runs))
 
 
 if __name__ == "__main__":
