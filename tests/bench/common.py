@@ -137,7 +137,8 @@ def daemon_names(tree: Tree) -> dict[int, str]:
         role = module.removeprefix("daemons.").replace("_", "-")
         topic = next((b for a, b in itertools.pairwise(words) if a == "--topic"),
                      None)
-        out[pid] = f"{role}@{topic}" if topic else role
+        name = f"{role}@{topic}" if topic else role
+        out[pid] = f"{name} standby" if "--standby" in words else name
     return out
 
 
