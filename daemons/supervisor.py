@@ -16,7 +16,7 @@ import inspect
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -58,7 +58,7 @@ class ProcessManager(Protocol):
         ...
 
     def drop_standby(self, spec: ChildSpec) -> None:
-        """End the child's standby (and the child, if the standby took over)."""
+        """End the child's standby, if it has one: the child is stopped or given up on."""
         ...
 
 
@@ -166,7 +166,7 @@ class Supervisor:
         self.manager = manager or SpawnManager(paths, settings.warm_standby)
         self.on_gave_up = on_gave_up
         self.children: dict[str, Child] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # running ones only: restarts add more
 
     def stopping(self) -> bool:
         return self.paths.stopping.exists()
@@ -176,9 +176,21 @@ class Supervisor:
         self.listener.watches[spec.name] = watch
         child = Child(spec, watch)
         self.children[spec.name] = child
-        child.task = asyncio.ensure_future(self._keep(child))
-        self._tasks.append(child.task)
+        child.task = self._spawn(self._keep(child))
         return child
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _restarted(self, child: Child, declared: float) -> None:
+        """Count a restart begun at `declared`, then follow the new process until it beats
+        (`restarted`)."""
+        child.restarts += 1
+        child.recent.append(declared)
+        self._spawn(self._report_restarted(child, declared))
 
     # -- one child's life ----------------------------------------------------------------
 
@@ -263,8 +275,8 @@ class Supervisor:
         return child.pid == pid
 
     async def _standby_when_alive(self, child: Child) -> None:
-        """A warm standby is started only once the child beats: started earlier, it could
-        win the child's lock from the very process it stands in for."""
+        """A warm standby is started only once the child beats: a child that never comes
+        up needs a fresh start, not a second copy of what just failed."""
         if not await self._first_beat(child) or child.state != "running":
             return
         pid = self.manager.prepare_standby(child.spec)
@@ -274,11 +286,9 @@ class Supervisor:
     async def _keep(self, child: Child) -> None:
         found_dead = self._found_dead(child)
         await self._start(child)
-        self._tasks.append(asyncio.ensure_future(self._standby_when_alive(child)))
         if found_dead is not None:
-            child.restarts += 1
-            child.recent.append(found_dead)
-            self._tasks.append(asyncio.ensure_future(self._report_restarted(child, found_dead)))
+            self._restarted(child, found_dead)
+        self._spawn(self._standby_when_alive(child))
         while True:
             cause = await self._until_dead(child)
             if cause == "exit" and child.pid is not None and await _settle(
@@ -315,10 +325,8 @@ class Supervisor:
                 child.state = "stopped"
                 return
             await self._start(child)
-            child.restarts += 1
-            child.recent.append(declared)
-            self._tasks.append(asyncio.ensure_future(self._report_restarted(child, declared)))
-            self._tasks.append(asyncio.ensure_future(self._standby_when_alive(child)))
+            self._restarted(child, declared)
+            self._spawn(self._standby_when_alive(child))
 
     def _silence_ms(self, child: Child) -> int:
         """How long we had heard nothing valid from the child when we declared it dead."""
@@ -391,7 +399,7 @@ class Supervisor:
         """Forget a child, then end it: SIGTERM, and SIGKILL if it does not go in time."""
         child = self.forget(name)
         if child is not None:
-            self.manager.drop_standby(child.spec)  # first: it would take over
+            self.manager.drop_standby(child.spec)  # for good: nothing is to take over
         if child is None or child.pid is None:
             return
         child.state = "stopped"
@@ -409,5 +417,5 @@ class Supervisor:
     async def close(self) -> None:
         for child in self.children.values():
             self.manager.drop_standby(child.spec)
-        for t in self._tasks:
+        for t in list(self._tasks):
             t.cancel()
