@@ -144,7 +144,9 @@ class Server(CommandHandler):
     def _mark_fanned(self, seq: int) -> None:
         """Move the watermark once what was written for `seq` is in the kernel's hands:
         connections hand this turn's bytes to their sockets in callbacks scheduled
-        before this one (ClientConn.write), and a death before then must resend."""
+        before this one (ClientConn.write), and a death before then must resend. One
+        callback per message, not per turn: a later message of the same turn may reach a
+        member (its own sender's, say) whose flush is scheduled after this one."""
         asyncio.get_running_loop().call_soon(self.fanned.set, seq)
 
     async def _moved_elsewhere(self, sids: list[str]) -> dict[str, str]:
