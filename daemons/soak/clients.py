@@ -19,7 +19,6 @@ import re
 import socket
 import struct
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -53,7 +52,6 @@ class SoakClient:
         self.session: str | None = None
         self.fresh: str | None = None  # the session this connection was greeted with
         self.last_seq: int | None = None
-        self.unacked: deque[str] = deque()  # lines sent on this connection, in order
         self.writer: asyncio.StreamWriter | None = None
         self.in_topic = False
         self.resuming = False
@@ -74,7 +72,7 @@ class SoakClient:
                     await self._connection()
                 except (OSError, EOFError, TimeoutError, ValueError) as e:
                     reason = "reset by the soak" if self.was_reset else repr(e)
-                    self.t.write("disconnected", reason=reason, unacked=len(self.unacked))
+                    self.t.write("disconnected", reason=reason)
                 self._forget_connection()
                 if self.stopping or not await self._reconnect_wait():
                     break
@@ -99,7 +97,6 @@ class SoakClient:
     def _forget_connection(self) -> None:
         self.writer = None
         self.in_topic = self.resuming = self.was_reset = False
-        self.unacked.clear()  # their acknowledgements died with the connection
 
     async def _connection(self) -> None:
         reader, writer = await asyncio.wait_for(
@@ -177,8 +174,6 @@ class SoakClient:
                     self._message(msg, replayed=True)
         elif kind == "sent" and event.get("topic") == self.topic:
             seq = event.get("seq")
-            if self.unacked:
-                self.unacked.popleft()
             self.t.write("acked", seq=seq)
             if isinstance(seq, int):
                 self.last_seq = seq if self.last_seq is None else max(self.last_seq, seq)
@@ -212,9 +207,7 @@ class SoakClient:
     def _error(self, event: dict[str, Any]) -> None:
         code = event.get("code")
         self.t.write("error", code=code, text=event.get("text"))
-        if code == "rate_limited" and self.unacked:
-            self.unacked.popleft()  # that line was dropped, never to be acknowledged
-        elif code == "session_busy" and self.resuming and self.busy_left > 0:
+        if code == "session_busy" and self.resuming and self.busy_left > 0:
             self.busy_left -= 1
             asyncio.get_running_loop().call_later(
                 BUSY_RETRY_S, lambda: self._write(self._resume_line()))
@@ -223,7 +216,7 @@ class SoakClient:
             self.t.write("resume_failed", code=code)
             self.session, self.resuming = self.fresh, False
             self._write(f"/nick {self.nick}\n/join {self.topic}\n")
-        elif code in ("unavailable", "command_unavailable") and not self.in_topic:
+        elif code == "unavailable" and not self.in_topic:
             asyncio.get_running_loop().call_later(
                 BUSY_RETRY_S, lambda: self._write(f"/join {self.topic}\n"))
 
@@ -241,7 +234,5 @@ class SoakClient:
             if self.writer is None or not self.in_topic or self.resuming:
                 continue
             self.counter += 1
-            text = f"soak {self.nick} {self.counter}"
-            self.unacked.append(text)
-            self._write(text + "\n")
+            self._write(f"soak {self.nick} {self.counter}\n")
             self.t.write("sent", n=self.counter)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from daemons.soak import plan as planning
+from tests.process.conftest import processes_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CI_SEED = 7
@@ -27,25 +28,11 @@ def soak(report: Path, *args: str, cwd: Path = ROOT, env: dict[str, str] | None 
 
 
 def tree_processes(report: Path) -> list[str]:
-    """Daemons of the soak's tree still running (its state dir is named in run.json's
-    logs: every daemon_started line carries it)."""
-    state = None
-    for line in (report / "logs" / "router.log").read_text().splitlines():
-        ev = json.loads(line)
-        if ev.get("event") == "daemon_started":
-            state = ev["state_dir"]
-            break
-    assert state is not None
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if state in cmd:
-                found.append(cmd.replace("\0", " "))
-    return found
+    """Daemons of the soak's tree still running (every daemon_started line names its
+    state dir)."""
+    events = map(json.loads, (report / "logs" / "router.log").read_text().splitlines())
+    state = next(ev["state_dir"] for ev in events if ev.get("event") == "daemon_started")
+    return processes_of(Path(state))
 
 
 def test_a_sixty_second_soak_with_every_kind_of_fault_passes(tmp_path: Path) -> None:
