@@ -1,5 +1,5 @@
 import sys
 
-from client.chat import main
+from theychat.client.chat import main
 
 sys.exit(main())

@@ -5,8 +5,9 @@ server ends the conversation (after /quit, or when TheyChat shuts down).
 Unlike `nc` it does not give up when a connection drops: it reconnects with backoff and
 resumes its session (`/resume SESSION LAST_SEQ`), so the person gets back their nick,
 their topic and every message they missed. To know the last sequence number it speaks
-JSON to the server and shows the same text the server would (client.text). At the end
-of input it sends /quit. Standard library only: `python -m client [HOST] [PORT]`.
+JSON to the server and shows the same text the server would (theychat.daemons.render).
+At the end of input it sends /quit. Standard library only; `python -m theychat.client
+[HOST] [PORT]` is the same program as `theychat chat`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from typing import Any, BinaryIO, TextIO
 
-from client.text import text_lines
+from theychat.daemons.render import text_lines
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7000
@@ -267,11 +268,22 @@ def run(host: str, port: int, reconnect_for: float = 300.0,
         return 1
 
 
+def default_server(env: dict[str, str]) -> tuple[str, int]:
+    """HOST and PORT when the command line names none: $THEYCHAT_SERVER (HOST:PORT, what
+    `theychat chat --config FILE` sets from the config), else 127.0.0.1:7000."""
+    value = env.get("THEYCHAT_SERVER", "")
+    host, sep, port = value.rpartition(":")
+    if sep and host and port.isdigit():
+        return host.strip("[]"), int(port)
+    return DEFAULT_HOST, DEFAULT_PORT
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+    host, port = default_server(dict(os.environ))
+    p = argparse.ArgumentParser(prog="theychat chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("host", nargs="?", default=DEFAULT_HOST)
-    p.add_argument("port", nargs="?", type=int, default=DEFAULT_PORT)
+    p.add_argument("host", nargs="?", default=host)
+    p.add_argument("port", nargs="?", type=int, default=port)
     p.add_argument("--reconnect-for", type=float, default=300.0, metavar="SECONDS",
                    help="keep trying to reconnect this long (0: exit when disconnected)")
     add_tls_options(p)

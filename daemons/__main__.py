@@ -1,3 +1,3 @@
-from daemons.cli import main
+from theychat.daemons.cli import main
 
 raise SystemExit(main())

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemons import config, control, logs, passwords, procs
-from daemons.config import Config
-from daemons.errors import ConfigError, ControlError, TheyChatError
-from daemons.paths import StatePaths, daemon_name
+from theychat.daemons import config, control, logs, passwords, procs
+from theychat.daemons.config import Config
+from theychat.daemons.errors import ConfigError, ControlError, TheyChatError
+from theychat.daemons.paths import StatePaths, daemon_name
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -167,7 +167,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         stale.unlink()  # a fresh tree counts restarts from zero
     err = paths.stderr("router")
     mark = err.stat().st_size if err.exists() else 0
-    argv = ["-m", "daemons.router", "--state-dir", str(paths.root)]
+    argv = ["-m", "theychat.daemons.router", "--state-dir", str(paths.root)]
     if args.config:
         argv += ["--config", str(Path(args.config).absolute())]
     pid = procs.spawn(argv, err)
@@ -191,7 +191,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         late = ", ".join(f"{r['name']} ({r['state']})" for r in rows if r["state"] != "ready")
         raise CliError(f"TheyChat did not become ready in {START_TIMEOUT_S:.0f}s: {late}")
     # The root of the tree from now on: restarts the router pair if both die at once.
-    procs.spawn(["-m", "daemons.manager", *argv[2:]], paths.stderr("manager"))
+    procs.spawn(["-m", "theychat.daemons.manager", *argv[2:]], paths.stderr("manager"))
     hint = (f"theychat chat --tls {host} {port}" if cfg.listen.tls.enabled
             else f"nc {host} {port}")
     print(f"TheyChat is up: {len(rows)} daemons, clients connect to {host}:{port} "
@@ -268,14 +268,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from client import chat  # stdlib-only: also runs as `python -m client`
-
-    host, port = args.host, args.port
-    if host is None or port is None:
+    """Run the line client, a program of its own (`python -m theychat.client`, standard
+    library only), with the config's address as its default."""
+    env = dict(os.environ)
+    if args.config:
         cfg = config.load(args.config)
-        host = host or cfg.listen.host
-        port = port or cfg.listen.port
-    return chat.run(host, port, args.reconnect_for, chat.tls_from_args(args))
+        env["THEYCHAT_SERVER"] = f"{cfg.listen.host}:{cfg.listen.port}"
+    argv = [sys.executable, "-m", "theychat.client", *args.client_args]
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, env)
+    return 1  # not reached: execve replaces this process
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -293,7 +295,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_install_systemd(args: argparse.Namespace) -> int:
-    from daemons import systemd
+    from theychat.daemons import systemd
 
     systemd.install(Path(args.config) if args.config else None, Path(args.unit_dir),
                     reload=not args.no_reload)
@@ -301,7 +303,7 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from daemons.soak import run
+    from theychat.daemons.soak import run
 
     try:
         return run.run(args)
@@ -319,14 +321,9 @@ def parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop every daemon of the state directory")
     status = sub.add_parser("status", help="show the tree; exit 0 only if all are healthy")
     status.add_argument("--json", action="store_true", help="print a JSON list")
-    chat = sub.add_parser("chat", help="a line client, like nc")
-    chat.add_argument("host", nargs="?")
-    chat.add_argument("port", nargs="?", type=int)
-    chat.add_argument("--reconnect-for", type=float, default=300.0, metavar="SECONDS",
-                      help="after a lost connection, keep trying this long, then resume")
-    from client.chat import add_tls_options
-
-    add_tls_options(chat)
+    # Every argument but --config goes to the client, which parses (and explains) them.
+    chat = sub.add_parser("chat", add_help=False,
+                          help="a line client, like nc (`theychat chat --help`)")
     sub.add_parser("hash-password", help="hash an operator password (read from stdin)")
     sd = sub.add_parser("install-systemd",
                         help="install the systemd units and /etc/theychat/theychat.yaml")
@@ -336,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
     sd.add_argument("--no-reload", action="store_true", help="skip systemctl daemon-reload")
     soak = sub.add_parser("soak", help="run a fresh tree under traffic and faults, judge it "
                           "from its logs, write a report")
-    from daemons.soak.run import add_arguments
+    from theychat.daemons.soak.run import add_arguments
 
     add_arguments(soak)
     for s in (up, down, status, chat, soak):
@@ -345,7 +342,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command != "chat":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.client_args = extra
     os.umask(0o077)
     handler = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "chat": cmd_chat,
                "hash-password": cmd_hash_password, "install-systemd": cmd_install_systemd,

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from daemons import control, render
-from daemons.config import Clients
-from daemons.errors import ControlError, ProtocolError
-from daemons.protocol import Command, LineBuffer, Say, parse, valid_name
-from daemons.ratelimit import TokenBucket
-from daemons.render import Event
+from theychat.daemons import control, render
+from theychat.daemons.config import Clients
+from theychat.daemons.errors import ControlError, ProtocolError
+from theychat.daemons.protocol import Command, LineBuffer, Say, parse, valid_name
+from theychat.daemons.ratelimit import TokenBucket
+from theychat.daemons.render import Event
 
 # Errors in a row, with no good line between them, after which a client is abusive.
 MAX_ERRORS_IN_A_ROW = 20

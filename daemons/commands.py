@@ -11,11 +11,11 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
-from daemons import render
-from daemons.clientconn import ClientConn
-from daemons.errors import ControlError
-from daemons.fdstore import FdKeeper
-from daemons.protocol import Command, Say, help_lines
+from theychat.daemons import render
+from theychat.daemons.clientconn import ClientConn
+from theychat.daemons.errors import ControlError
+from theychat.daemons.fdstore import FdKeeper
+from theychat.daemons.protocol import Command, Say, help_lines
 
 Pending = Awaitable[None] | None
 

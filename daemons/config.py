@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from daemons import passwords
-from daemons.errors import ConfigError
-from daemons.protocol import valid_name
+from theychat.daemons import passwords
+from theychat.daemons.errors import ConfigError
+from theychat.daemons.protocol import valid_name
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from daemons.errors import ControlError
+from theychat.daemons.errors import ControlError
 
 # Below the default socket send buffer (net.core.wmem_default, 208 KiB): a SEQPACKET
 # message must fit in it whole.

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemons import config, control, logs, procs, systemd
-from daemons.config import Config
-from daemons.errors import TheyChatError
-from daemons.heartbeat import (
+from theychat.daemons import config, control, logs, procs, systemd
+from theychat.daemons.config import Config
+from theychat.daemons.errors import TheyChatError
+from theychat.daemons.heartbeat import (
     Beat,
     HeartbeatListener,
     HeartbeatSender,
@@ -29,8 +29,8 @@ from daemons.heartbeat import (
     read_endpoint,
     write_endpoint,
 )
-from daemons.paths import StatePaths, daemon_name, supervisors_of
-from daemons.supervisor import Child, Supervisor
+from theychat.daemons.paths import StatePaths, daemon_name, supervisors_of
+from theychat.daemons.supervisor import Child, Supervisor
 
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3  # another incarnation holds the lock: not a failure to restart for
@@ -153,7 +153,7 @@ LOCK_GRACE_S = 2.0
 
 
 def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m daemons.{role.replace('-', '_')}")
+    parser = argparse.ArgumentParser(prog=f"python -m theychat.daemons.{role.replace('-', '_')}")
     parser.add_argument("--config")
     parser.add_argument("--state-dir")
     parser.add_argument("--topic")

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from daemons.protocol import fold
+from theychat.daemons.protocol import fold
 
 
 class NickTaken(Exception):

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemons import control
-from daemons.control import Message, fail, ok
-from daemons.errors import ControlError
+from theychat.daemons import control
+from theychat.daemons.control import Message, fail, ok
+from theychat.daemons.errors import ControlError
 
 FETCH_BATCH = 32  # fds per reply packet; the kernel allows 253
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-from daemons.errors import TheyChatError
+from theychat.daemons.errors import TheyChatError
 
 KEY_BYTES = 32
 MAX_DATAGRAM = 1024

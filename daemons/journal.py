@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemons.config import WalSettings
-from daemons.wal import Record, Wal, WalFailed
+from theychat.daemons.config import WalSettings
+from theychat.daemons.wal import Record, Wal, WalFailed
 
 
 class Journal:

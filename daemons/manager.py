@@ -12,12 +12,12 @@ import asyncio
 import sys
 import time
 
-from daemons import control, daemon, procs
-from daemons.control import Message, fail, ok
-from daemons.daemon import Daemon
-from daemons.errors import ControlError
-from daemons.policy import RestartPolicy, decide, prune
-from daemons.supervisor import ChildSpec
+from theychat.daemons import control, daemon, procs
+from theychat.daemons.control import Message, fail, ok
+from theychat.daemons.daemon import Daemon
+from theychat.daemons.errors import ControlError
+from theychat.daemons.policy import RestartPolicy, decide, prune
+from theychat.daemons.supervisor import ChildSpec
 
 POLL_S = 0.1
 # The pair restart each other within milliseconds; only a longer joint absence is ours.
@@ -51,7 +51,7 @@ async def main_async(d: Daemon) -> None:
     s = d.cfg.supervision
     policy = RestartPolicy(s.max_restarts, s.window_s, s.backoff_initial_ms, s.backoff_step_ms,
                            s.backoff_max_ms)
-    spec = ChildSpec("router", "router", None, d.child_args("daemons.router"))
+    spec = ChildSpec("router", "router", None, d.child_args("theychat.daemons.router"))
     recent: list[float] = []
     restarts = 0
     gave_up = False

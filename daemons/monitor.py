@@ -8,12 +8,12 @@ import asyncio
 import contextlib
 import time
 
-from daemons import control
-from daemons.control import Message, fail, ok
-from daemons.daemon import Daemon
-from daemons.errors import ControlError
-from daemons.fdstore import FdVault
-from daemons.supervisor import Child, ChildSpec
+from theychat.daemons import control
+from theychat.daemons.control import Message, fail, ok
+from theychat.daemons.daemon import Daemon
+from theychat.daemons.errors import ControlError
+from theychat.daemons.fdstore import FdVault
+from theychat.daemons.supervisor import Child, ChildSpec
 
 
 async def supervise_one(d: Daemon, spec: ChildSpec) -> None:

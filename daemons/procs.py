@@ -17,11 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import daemons
-
-# The directory holding the `daemons` package: children must import the same code.
-_CODE_ROOT = str(Path(daemons.__file__).resolve().parent.parent)
-
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks) of a pid, or None if there is none."""
@@ -87,11 +82,9 @@ def spawn(args: list[str], stderr_path: Path, go_fd: int | None = None) -> int:
     past the logger (or a message for `theychat up` to show) ends up. `go_fd`, if given,
     becomes the child's fd STANDBY_FD (a standby's pipe from its supervisor).
     """
-    env = dict(os.environ)
-    # Our code first, once: children of children must not grow the path each generation.
-    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != _CODE_ROOT]
-    env["PYTHONPATH"] = os.pathsep.join([_CODE_ROOT, *dict.fromkeys(rest)])
-    env["PYTHONUNBUFFERED"] = "1"
+    # The same interpreter and environment find the same `theychat` package, installed,
+    # editable or not: nothing is added to the import path here.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, str(stderr_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),

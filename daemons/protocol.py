@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from daemons.errors import BadArguments, InvalidUtf8, LineTooLong, UnknownCommand
+from theychat.daemons.errors import BadArguments, InvalidUtf8, LineTooLong, UnknownCommand
 
 MAX_LINE_BYTES = 4096
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")

@@ -10,8 +10,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from daemons.protocol import fold
-from daemons.render import Event
+from theychat.daemons.protocol import fold
+from theychat.daemons.render import Event
 
 
 @dataclass

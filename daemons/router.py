@@ -18,18 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemons import control, daemon, fdstore, passwords
-from daemons.clientconn import ClientConn, Session, attach, set_keepalive
-from daemons.commands import CommandHandler, Pending, handoff_error
-from daemons.control import Message, fail, ok
-from daemons.daemon import Daemon
-from daemons.directory import Directory, NickTaken, SessionInfo
-from daemons.errors import ControlError, TheyChatError
-from daemons.fdstore import FdKeeper
-from daemons.journal import Journal
-from daemons.protocol import Command, fold, valid_name
-from daemons.supervisor import Child, ChildSpec, Supervisor
-from daemons.tlsbridge import TlsBridge, server_context
+from theychat.daemons import control, daemon, fdstore, passwords
+from theychat.daemons.clientconn import ClientConn, Session, attach, set_keepalive
+from theychat.daemons.commands import CommandHandler, Pending, handoff_error
+from theychat.daemons.control import Message, fail, ok
+from theychat.daemons.daemon import Daemon
+from theychat.daemons.directory import Directory, NickTaken, SessionInfo
+from theychat.daemons.errors import ControlError, TheyChatError
+from theychat.daemons.fdstore import FdKeeper
+from theychat.daemons.journal import Journal
+from theychat.daemons.protocol import Command, fold, valid_name
+from theychat.daemons.supervisor import Child, ChildSpec, Supervisor
+from theychat.daemons.tlsbridge import TlsBridge, server_context
 
 LISTENER = "listener"  # fd store key of the client port's listening socket
 # Checked against when /oper names no operator, so a wrong name costs as long as a wrong
@@ -112,7 +112,7 @@ class Router(CommandHandler):
         self.keeper.start()
         self.keeper.store(LISTENER, listener.fileno(), {"kind": LISTENER})
         self.sup.add(ChildSpec("router-monitor", "router-monitor", None,
-                               d.child_args("daemons.router_monitor")))
+                               d.child_args("theychat.daemons.router_monitor")))
         for topic in self.dir.topics:
             self._supervise_topic(topic)
         servers = await self._serve_clients(listener)
@@ -201,7 +201,7 @@ class Router(CommandHandler):
 
     def _supervise_topic(self, topic: str) -> None:
         self.sup.add(ChildSpec(f"server-monitor@{topic}", "server-monitor", topic,
-                               self.d.child_args("daemons.server_monitor", topic)))
+                               self.d.child_args("theychat.daemons.server_monitor", topic)))
 
     async def _gave_up(self, child: Child) -> None:
         if child.spec.role == "server-monitor" and child.spec.topic:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from daemons import daemon
-from daemons.daemon import Daemon
-from daemons.monitor import supervise_one
-from daemons.supervisor import ChildSpec
+from theychat.daemons import daemon
+from theychat.daemons.daemon import Daemon
+from theychat.daemons.monitor import supervise_one
+from theychat.daemons.supervisor import ChildSpec
 
 
 async def main_async(d: Daemon) -> None:
-    await supervise_one(d, ChildSpec("router", "router", None, d.child_args("daemons.router")))
+    spec = ChildSpec("router", "router", None, d.child_args("theychat.daemons.router"))
+    await supervise_one(d, spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,18 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemons import control, daemon, fdstore
-from daemons.clientconn import ClientConn, Session, attach, write_each
-from daemons.commands import CommandHandler, Pending, handoff_error
-from daemons.control import Message, fail, ok
-from daemons.daemon import Daemon
-from daemons.errors import ControlError, TheyChatError
-from daemons.fdstore import FdKeeper
-from daemons.journal import Journal
-from daemons.protocol import Command, fold, valid_name
-from daemons.render import Event, encode
-from daemons.room import Room
-from daemons.watermark import Watermark
+from theychat.daemons import control, daemon, fdstore
+from theychat.daemons.clientconn import ClientConn, Session, attach, write_each
+from theychat.daemons.commands import CommandHandler, Pending, handoff_error
+from theychat.daemons.control import Message, fail, ok
+from theychat.daemons.daemon import Daemon
+from theychat.daemons.errors import ControlError, TheyChatError
+from theychat.daemons.fdstore import FdKeeper
+from theychat.daemons.journal import Journal
+from theychat.daemons.protocol import Command, fold, valid_name
+from theychat.daemons.render import Event, encode
+from theychat.daemons.room import Room
+from theychat.daemons.watermark import Watermark
 
 DEFAULT_HISTORY_LINES = 20
 

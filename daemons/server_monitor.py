@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import sys
 
-from daemons import daemon
-from daemons.daemon import Daemon
-from daemons.errors import TheyChatError
-from daemons.monitor import supervise_one
-from daemons.supervisor import ChildSpec
+from theychat.daemons import daemon
+from theychat.daemons.daemon import Daemon
+from theychat.daemons.errors import TheyChatError
+from theychat.daemons.monitor import supervise_one
+from theychat.daemons.supervisor import ChildSpec
 
 
 async def main_async(d: Daemon) -> None:
     if d.topic is None:
         raise TheyChatError("--topic is required")
     spec = ChildSpec(f"server@{d.topic}", "server", d.topic,
-                     d.child_args("daemons.server", d.topic))
+                     d.child_args("theychat.daemons.server", d.topic))
     await supervise_one(d, spec)
 
 

@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from daemons import procs
-from daemons.config import Supervision
-from daemons.heartbeat import HeartbeatListener, PeerWatch, monotonic_ms
-from daemons.paths import StatePaths
-from daemons.policy import RestartPolicy, decide, prune
+from theychat.daemons import procs
+from theychat.daemons.config import Supervision
+from theychat.daemons.heartbeat import HeartbeatListener, PeerWatch, monotonic_ms
+from theychat.daemons.paths import StatePaths
+from theychat.daemons.policy import RestartPolicy, decide, prune
 
 STARTING_POLL_MS = 20
 PIDFILE_POLL_S = 0.01  # waiting for a child that systemd starts to write its pid file
@@ -36,7 +36,7 @@ class ChildSpec:
     name: str  # daemon name, e.g. `server-monitor@rust`
     role: str
     topic: str | None
-    args: list[str]  # python arguments: ["-m", "daemons.server", ...]
+    args: list[str]  # python arguments: ["-m", "theychat.daemons.server", ...]
 
 
 class ProcessManager(Protocol):

@@ -3,7 +3,7 @@
 * `SystemdManager` starts and restarts children as units (`systemctl --no-block restart
   theychat-server@rust.service`), so systemd owns every process and cgroup. Detection
   (pidfds, heartbeats) and decisions (restart intensity, backoff) stay in
-  `daemons.supervisor`: the backend changes how, not when.
+  `theychat.daemons.supervisor`: the backend changes how, not when.
 * `Notifier` speaks sd_notify through the `sdnotify` package: READY=1, a one-line
   STATUS= for `systemctl status`, WATCHDOG=1 from the heartbeat loop. Without
   $NOTIFY_SOCKET (not started by systemd) every call is a no-op.
@@ -31,10 +31,10 @@ from typing import Any, TextIO
 import sdnotify
 import yaml
 
-import daemons
-from daemons import config, procs
-from daemons.errors import ConfigError, TheyChatError
-from daemons.supervisor import ChildSpec
+import theychat.daemons
+from theychat.daemons import config, procs
+from theychat.daemons.errors import ConfigError, TheyChatError
+from theychat.daemons.supervisor import ChildSpec
 
 UNIT_PREFIX = "theychat-"
 TARGET = "theychat.target"
@@ -334,8 +334,7 @@ PRIVATE_TMP = ("/tmp", "/var/tmp")  # what PrivateTmp= replaces
 
 @dataclass(frozen=True)
 class Installation:
-    python: str
-    pythonpath: str | None  # the code's directory, when the interpreter would not find it
+    python: str  # the interpreter that has the `theychat` package installed
     visible: list[str]  # paths the sandbox hides (home, /tmp) that the units must see
 
 
@@ -351,17 +350,25 @@ def _minimal(paths: list[str]) -> list[str]:
     return kept
 
 
-def this_installation() -> Installation:
-    """What the units need to run `python -m daemons.X` as this interpreter does."""
-    import site
+def _package_dirs() -> list[str]:
+    """Where this interpreter finds the `theychat` package: the folder holding its
+    subpackages as imported (site-packages/theychat, or the checkout an editable install
+    maps them to) and every import path with a `theychat` directory (site-packages, or
+    the link tree of a strict editable install)."""
+    found = [str(Path(theychat.daemons.__file__).resolve().parent.parent)]
+    found += [p for p in sys.path if p and (Path(p) / "theychat").is_dir()]
+    return found
 
+
+def this_installation() -> Installation:
+    """What the units need to run `python -m theychat.daemons.X` as this interpreter does.
+
+    The units set no PYTHONPATH: the interpreter finds `theychat` the way it does here
+    (installed, or an editable install's finder); the sandbox only has to show it."""
     import structlog
 
-    code_root = str(Path(daemons.__file__).resolve().parent.parent)
-    sites = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
-    pythonpath = None if code_root in sites else code_root
     needed = [sys.prefix, sys.base_prefix, sys.exec_prefix,
-              str(Path(sys.executable).resolve().parent), code_root]
+              str(Path(sys.executable).resolve().parent), *_package_dirs()]
     for mod in (yaml, structlog, sdnotify):
         if mod.__file__:
             needed.append(str(Path(mod.__file__).resolve().parent.parent))
@@ -369,13 +376,13 @@ def this_installation() -> Installation:
     for p in needed:
         if re.search(r"\s", p):
             raise SystemdError(f"{p}: a path with white space cannot go in a unit file")
-    return Installation(sys.executable, pythonpath,
+    return Installation(sys.executable,
                         _minimal([p for p in needed if _under(p, PROTECTED + PRIVATE_TMP)]))
 
 
 def units_dir() -> Path:
     """units/ of a checkout (or editable install), else the copy a wheel installs."""
-    for d in (Path(daemons.__file__).resolve().parent.parent / "units",
+    for d in (Path(theychat.daemons.__file__).resolve().parent.parent / "units",
               Path(sys.prefix) / "share" / "theychat" / "units"):
         if (d / TARGET).is_file():
             return d
@@ -389,8 +396,6 @@ def render(text: str, inst: Installation) -> str:
         if line.startswith(f"ExecStart={DEFAULT_PYTHON} "):
             line = f"ExecStart={inst.python} " + line[len(f"ExecStart={DEFAULT_PYTHON} "):]
             out.append(line)
-            if inst.pythonpath:
-                out.append(f"Environment=PYTHONPATH={inst.pythonpath}")
             continue
         if line == "ProtectHome=yes" and inst.visible:
             out.append("# Python or TheyChat lives where the sandbox hides (a home directory,")

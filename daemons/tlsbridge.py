@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemons.clientconn import set_keepalive
-from daemons.config import Clients
-from daemons.errors import TheyChatError
+from theychat.daemons.clientconn import set_keepalive
+from theychat.daemons.config import Clients
+from theychat.daemons.errors import TheyChatError
 
 
 def server_context(cert: str, key: str) -> ssl.SSLContext:

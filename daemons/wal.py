@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from daemons.errors import TheyChatError
+from theychat.daemons.errors import TheyChatError
 
 HEADER = struct.Struct("<II")
 MAX_PAYLOAD = 16 * 1024 * 1024

@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from daemons.soak.plan import role_of
-from daemons.soak.tree import read_events
+from theychat.daemons.soak.plan import role_of
+from theychat.daemons.soak.tree import read_events
 
 MATCH_WITHIN_S = 20.0  # a fault's declaration and restart must follow within this
 

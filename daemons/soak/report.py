@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from daemons.soak.judge import Verdict
+from theychat.daemons.soak.judge import Verdict
 
 MAX_VIOLATIONS_SHOWN = 100
 

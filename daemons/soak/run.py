@@ -23,13 +23,13 @@ from typing import Any
 
 import yaml
 
-from daemons import config, procs
-from daemons.errors import TheyChatError
-from daemons.soak import plan as planning
-from daemons.soak.clients import SoakClient
-from daemons.soak.judge import judge
-from daemons.soak.report import markdown, timeline
-from daemons.soak.tree import HOST, Tree
+from theychat.daemons import config, procs
+from theychat.daemons.errors import TheyChatError
+from theychat.daemons.soak import plan as planning
+from theychat.daemons.soak.clients import SoakClient
+from theychat.daemons.soak.judge import judge
+from theychat.daemons.soak.report import markdown, timeline
+from theychat.daemons.soak.tree import HOST, Tree
 
 JOIN_TIMEOUT_S = 20.0
 DRAIN_S = 3.0  # after the last line is sent: time for every delivery to arrive

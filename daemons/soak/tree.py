@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from daemons import cli, config, procs
-from daemons.paths import StatePaths
+from theychat.daemons import cli, config, procs
+from theychat.daemons.paths import StatePaths
 
 HOST = "127.0.0.1"
 CLI_TIMEOUT_S = 60.0
@@ -76,7 +76,7 @@ class Tree:
         self.paths = StatePaths(self.state)
 
     def cli(self, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "daemons", *args, "--config",
+        return subprocess.run([sys.executable, "-m", "theychat.daemons", *args, "--config",
                                str(self.config)], capture_output=True, text=True,
                               timeout=timeout, check=False)
 
@@ -97,7 +97,7 @@ class Tree:
         return self.paths.log(name)
 
     def processes(self) -> list[int]:
-        """Every live daemon of this tree (`python -m daemons.*` with our state dir in
+        """Every live daemon of this tree (`python -m theychat.daemons.*` with our state dir in
         its command line), so nothing is left behind, not even a stopped one."""
         found = []
         needle = str(self.state).encode()
@@ -108,7 +108,8 @@ class Tree:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            ours = any(a == b"-m" and b.startswith(b"daemons") for a, b in itertools.pairwise(args))
+            ours = any(a == b"-m" and b.startswith(b"theychat.daemons.")
+                       for a, b in itertools.pairwise(args))
             if ours and any(needle in a for a in args) and procs.alive(int(entry.name)):
                 found.append(int(entry.name))
         return found

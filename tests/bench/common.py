@@ -22,10 +22,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemons import control
-from daemons.errors import ControlError
-from daemons.soak.tree import merge
 from tests.bench.failover import Tree, nearest_rank
+from theychat.daemons import control
+from theychat.daemons.errors import ControlError
+from theychat.daemons.soak.tree import merge
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -57,14 +57,6 @@ def progress(text: str) -> None:
 ROOT = Path(__file__).resolve().parents[2]  # the checkout these benchmarks belong to
 
 
-def use_this_checkout() -> None:
-    """Daemons started from here (`python -m daemons.X`) import this checkout's code, not
-    whatever `theychat` is installed (an editable install of another worktree, say)."""
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if str(ROOT) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, paths)])
-
-
 def stop_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, through the `finally` that stops the tree."""
     def on_term(signum: int, frame: FrameType | None) -> None:
@@ -87,7 +79,6 @@ def tree_up(topics: Sequence[str], overrides: dict[str, Any] | None = None,
             keep: bool = False) -> Iterator[Tree]:
     """A fresh tree (state dir under /tmp, free loopback port), always stopped after."""
     raise_nofile()
-    use_this_checkout()
     cfg = merge(BENCH_OVERRIDES, overrides or {})
     cfg["topics"] = list(topics)
     tree = Tree(cfg, keep)
@@ -134,7 +125,7 @@ def daemon_names(tree: Tree) -> dict[int, str]:
             continue
         words = [a.decode(errors="replace") for a in args]
         module = next((b for a, b in itertools.pairwise(words) if a == "-m"), "?")
-        role = module.removeprefix("daemons.").replace("_", "-")
+        role = module.removeprefix("theychat.daemons.").replace("_", "-")
         topic = next((b for a, b in itertools.pairwise(words) if a == "--topic"),
                      None)
         name = f"{role}@{topic}" if topic else role

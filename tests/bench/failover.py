@@ -42,10 +42,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemons import procs
-from daemons.soak.plan import supervisor_of
-from daemons.soak.tree import HOST, merge, read_events
-from daemons.soak.tree import Tree as SoakTree
+from theychat.daemons import procs
+from theychat.daemons.soak.plan import supervisor_of
+from theychat.daemons.soak.tree import HOST, merge, read_events
+from theychat.daemons.soak.tree import Tree as SoakTree
 
 KINDS = ("server", "server-monitor", "router", "router-monitor")
 SIGNALS = {"KILL": signal.SIGKILL, "STOP": signal.SIGSTOP}

@@ -22,7 +22,6 @@ from tests.bench.common import (
     pct,
     progress,
     stop_on_sigterm,
-    use_this_checkout,
 )
 
 TARGET_SERVER_KILL_P99_MS = 100.0  # issue 6: "client-visible outage ... p99 under 100 ms"
@@ -32,7 +31,6 @@ RUN_TIMEOUT_S = 900.0
 def run_once(rounds: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "tests.bench.failover", "--rounds", str(rounds), "--json"]
     progress(f"failover: {' '.join(cmd[1:])}")
-    use_this_checkout()
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
                              check=False, cwd=ROOT)

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
-from daemons.soak.tree import free_port
+from theychat.daemons.soak.tree import free_port
 
-THEYCHAT = [sys.executable, "-m", "daemons"]
+THEYCHAT = [sys.executable, "-m", "theychat.daemons"]
 WAIT_S = 10.0
 
 

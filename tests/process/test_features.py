@@ -13,8 +13,8 @@ from tests.process.conftest import WAIT_S, Client
 
 
 def operator_hash(password: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "daemons", "hash-password"], input=password,
-                         capture_output=True, text=True, timeout=WAIT_S, check=True)
+    out = subprocess.run([sys.executable, "-m", "theychat.daemons", "hash-password"],
+                         input=password, capture_output=True, text=True, timeout=WAIT_S, check=True)
     return out.stdout.strip()
 
 

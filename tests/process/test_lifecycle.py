@@ -101,7 +101,7 @@ def test_chat_client_works_in_a_pipe(make_tree) -> None:  # type: ignore[no-unty
     listener = Client(t.port, "ear8")
     listener.join("rust")
     for cmd in ([*THEYCHAT, "chat", "127.0.0.1", str(t.port)],
-                [sys.executable, "-m", "client", "127.0.0.1", str(t.port)]):
+                [sys.executable, "-m", "theychat.client", "127.0.0.1", str(t.port)]):
         res = subprocess.run(cmd, input="/nick piper8\n/join rust\nthrough a pipe\n/quit\n",
                              capture_output=True, text=True, timeout=WAIT_S)
         assert res.returncode == 0, res.stderr

@@ -171,7 +171,8 @@ def test_the_line_client_reconnects_and_resumes_by_itself(make_tree) -> None:  #
     other.send("/join rust")
     other.expect_json(type="joined")
     chat = subprocess.Popen(
-        [sys.executable, "-m", "client", "127.0.0.1", str(t.port), "--reconnect-for", "20"],
+        [sys.executable, "-m", "theychat.client", "127.0.0.1", str(t.port),
+         "--reconnect-for", "20"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert chat.stdin and chat.stdout
     try:

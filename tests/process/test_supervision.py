@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemons.heartbeat import Beat, encode
 from tests.process.conftest import WAIT_S, Client
+from theychat.daemons.heartbeat import Beat, encode
 
 SUPERVISOR = {"server@rust": "server-monitor@rust", "server-monitor@rust": "router",
               "router": "router-monitor", "router-monitor": "router"}

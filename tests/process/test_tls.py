@@ -103,7 +103,7 @@ def test_line_client_over_tls_resumes_after_the_router_dies(make_tree, cert) -> 
     other.send("/join rust")
     other.expect_json(type="joined")
     chat = subprocess.Popen(
-        [sys.executable, "-m", "client", "localhost", str(t.port), "--tls", "--cafile",
+        [sys.executable, "-m", "theychat.client", "localhost", str(t.port), "--tls", "--cafile",
          str(cert[0]), "--reconnect-for", "20"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert chat.stdin and chat.stdout and chat.stderr
@@ -142,7 +142,7 @@ def test_line_client_over_tls_resumes_after_the_router_dies(make_tree, cert) -> 
 def test_tls_config_errors_are_clear(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("listen:\n  tls:\n    cert: /nonexistent.pem\n")
-    res = subprocess.run([sys.executable, "-m", "daemons", "status", "--config", str(cfg)],
+    res = subprocess.run([sys.executable, "-m", "theychat.daemons", "status", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=WAIT_S)
     assert res.returncode == 2
     assert "listen.tls: set both cert and key, or neither" in res.stderr

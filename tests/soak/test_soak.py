@@ -8,13 +8,13 @@ write-ahead log loses its last record on replay, must find what that breaks.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from daemons.soak import plan as planning
+from tests.checkout import copy_tree, put_first
 from tests.process.conftest import processes_of
+from theychat.daemons.soak import plan as planning
 
 ROOT = Path(__file__).resolve().parents[2]
 CI_SEED = 7
@@ -22,8 +22,8 @@ CI_SEED = 7
 
 def soak(report: Path, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
          timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemons", "soak", "--report", str(report),
-                           *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "theychat.daemons", "soak", "--report",
+                           str(report), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
@@ -53,9 +53,8 @@ def test_a_sixty_second_soak_with_every_kind_of_fault_passes(tmp_path: Path) -> 
 
 def broken_copy(dest: Path) -> Path:
     """TheyChat with a write-ahead log that forgets its last record when replayed."""
-    for pkg in ("daemons", "client"):
-        shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    wal = dest / "daemons" / "wal.py"
+    copy_tree(dest)
+    wal = dest / "theychat" / "daemons" / "wal.py"
     good = "replay = Replay(snapshot, records, "
     src = wal.read_text()
     assert good in src, "wal.py changed: update the sabotage"
@@ -69,7 +68,7 @@ def test_the_soak_fails_a_build_whose_log_loses_its_last_record(tmp_path: Path) 
     assert any(f.targets[0].startswith("server@") for f in planned)  # a server dies
     code = broken_copy(tmp_path / "broken")
     report = tmp_path / "report"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(code), "HOME": str(tmp_path)}
+    env = put_first(code, {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     res = soak(report, "--duration", str(duration), "--clients", "6", "--fault-every",
                str(every), "--seed", str(seed), "--faults", "kill", cwd=code, env=env)
     text = (report / "report.md").read_text()
@@ -80,3 +79,4 @@ def test_the_soak_fails_a_build_whose_log_loses_its_last_record(tmp_path: Path) 
     assert "| sequence numbers acknowledged twice | 0 | ok |" not in text
     assert "| gaps | 0 | ok |" not in text
     assert tree_processes(report) == []
+

@@ -28,10 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-import daemons
-
 LAB = Path(__file__).resolve().parent / "lab" / "lab.sh"
-CODE_ROOT = str(Path(daemons.__file__).resolve().parent.parent)
 SYSTEMD_BINARY = next((p for p in ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
                        if os.access(p, os.X_OK)), None)
 PORT = 7000  # the lab has a network namespace of its own
@@ -136,9 +133,9 @@ class Lab:
         return value
 
     def theychat(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """The CLI inside the lab, as an administrator runs it."""
-        return self.sh("exec", "env", f"PYTHONPATH={CODE_ROOT}", sys.executable, "-m",
-                       "daemons", *args, check=check)
+        """The CLI inside the lab, as an administrator runs it: the interpreter that has
+        `theychat` installed (the lab sees our filesystem), nothing on PYTHONPATH."""
+        return self.sh("exec", sys.executable, "-m", "theychat.daemons", *args, check=check)
 
     @property
     def netns(self) -> str:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemons import systemd
-from daemons.config import from_mapping
-from daemons.errors import ConfigError
+from theychat.daemons import systemd
+from theychat.daemons.config import from_mapping
+from theychat.daemons.errors import ConfigError
 
 UNITS = Path(__file__).resolve().parents[2] / "units"
 MAX_EXPOSURE = 2.0
@@ -44,7 +44,8 @@ def test_the_units_are_the_ones_the_installer_knows() -> None:
         text = (UNITS / name).read_text()
         if name.endswith(".service"):
             assert "Type=notify" in text and "WatchdogSec=" in text
-            assert f"ExecStart={systemd.DEFAULT_PYTHON} -m daemons." in text
+            assert f"ExecStart={systemd.DEFAULT_PYTHON} -m theychat.daemons." in text
+            assert "PYTHONPATH" not in text
             assert "--config /etc/theychat/theychat.yaml" in text
             assert "PartOf=theychat.target" in text
             assert "StateDirectory=theychat" in text and "PYTHONUNBUFFERED=1" in text
@@ -54,17 +55,15 @@ def test_the_units_are_the_ones_the_installer_knows() -> None:
 
 def test_render_writes_our_python_and_shows_home_paths_read_only() -> None:
     text = (UNITS / "theychat-server@.service").read_text()
-    inst = systemd.Installation("/root/venv/bin/python", "/root/src/theychat",
-                                ["/root/src/theychat", "/root/venv"])
+    inst = systemd.Installation("/root/venv/bin/python", ["/root/src/theychat", "/root/venv"])
     out = systemd.render(text, inst)
-    assert "ExecStart=/root/venv/bin/python -m daemons.server --config" in out
-    assert "Environment=PYTHONPATH=/root/src/theychat\n" in out
+    assert "ExecStart=/root/venv/bin/python -m theychat.daemons.server --config" in out
+    assert "PYTHONPATH" not in out  # the interpreter finds the package it has installed
     assert "ProtectHome=tmpfs\nBindReadOnlyPaths=/root/src/theychat /root/venv\n" in out
     assert "ProtectHome=yes" not in out and "/usr/bin/python3" not in out
-    plain = systemd.render(text, systemd.Installation("/usr/bin/python3", None, []))
+    plain = systemd.render(text, systemd.Installation("/usr/bin/python3", []))
     assert plain == text
-    in_tmp = systemd.render(text, systemd.Installation("/usr/bin/python3", "/tmp/ci/src",
-                                                       ["/tmp/ci/src"]))
+    in_tmp = systemd.render(text, systemd.Installation("/usr/bin/python3", ["/tmp/ci/src"]))
     assert "ProtectHome=yes\nBindReadOnlyPaths=/tmp/ci/src\n" in in_tmp
 
 
@@ -149,7 +148,7 @@ def test_install_writes_config_and_units(tmp_path: Path) -> None:
     assert oct(conf.stat().st_mode & 0o777) == "0o600"
     assert sorted(p.name for p in units.iterdir()) == sorted(systemd.UNIT_FILES)
     router = (units / "theychat-router.service").read_text()
-    assert f"ExecStart={sys.executable} -m daemons.router" in router
+    assert f"ExecStart={sys.executable} -m theychat.daemons.router" in router
     # a second run with the installed config changes nothing
     out = io.StringIO()
     systemd.install(None, units, conf, reload=False, out=out)
@@ -160,8 +159,8 @@ def test_up_and_down_refuse_a_systemd_config(tmp_path: Path) -> None:
     conf = tmp_path / "c.yaml"
     conf.write_text(f"state_dir: {tmp_path / 's'}\nsupervision: {{backend: systemd}}\n")
     for command in ("up", "down"):
-        res = subprocess.run([sys.executable, "-m", "daemons", command, "--config", str(conf)],
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run([sys.executable, "-m", "theychat.daemons", command, "--config",
+                              str(conf)], capture_output=True, text=True, timeout=30)
         assert res.returncode == 1
         assert "systemctl" in res.stderr and "theychat.target" in res.stderr
 

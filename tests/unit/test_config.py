@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from daemons.config import Config, from_mapping, load
-from daemons.errors import ConfigError
+from theychat.daemons.config import Config, from_mapping, load
+from theychat.daemons.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

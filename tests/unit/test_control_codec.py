@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from daemons.control import MAX_PACKET, check, decode, encode, fail, ok
-from daemons.errors import ControlError, TheyChatError
+from theychat.daemons.control import MAX_PACKET, check, decode, encode, fail, ok
+from theychat.daemons.errors import ControlError, TheyChatError
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemons import control
+from theychat.daemons import control
 
 
 def test_received_fds_are_close_on_exec() -> None:

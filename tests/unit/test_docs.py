@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from daemons.protocol import COMMANDS
+from theychat.daemons.protocol import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENT_CALL = re.compile(

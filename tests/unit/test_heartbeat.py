@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from daemons import heartbeat
-from daemons.errors import TheyChatError
-from daemons.heartbeat import (
+from theychat.daemons import heartbeat
+from theychat.daemons.errors import TheyChatError
+from theychat.daemons.heartbeat import (
     KEY_BYTES,
     MAX_DATAGRAM,
     Beat,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemons.policy import Decision, RestartPolicy, decide, prune
+from theychat.daemons.policy import Decision, RestartPolicy, decide, prune
 
 
 def test_defaults_back_off_then_give_up_at_the_sixth_death() -> None:

@@ -8,7 +8,7 @@ import os
 import threading
 from pathlib import Path
 
-from daemons import procs
+from theychat.daemons import procs
 
 
 def test_the_lock_is_taken_once_the_holder_lets_go_within_the_grace(tmp_path: Path) -> None:
@@ -36,17 +36,16 @@ def test_a_lock_held_beyond_the_grace_is_refused(tmp_path: Path) -> None:
         os.close(waiter)
 
 
-def test_children_of_children_do_not_grow_the_python_path(tmp_path: Path) -> None:
-    root = procs._CODE_ROOT
+def test_a_spawned_daemon_finds_our_package_without_help_on_its_path(tmp_path: Path) -> None:
+    """Children import `theychat` the way we do (installed or editable): spawn() adds
+    nothing to PYTHONPATH, and passes the caller's environment on as it is."""
     out = tmp_path / "out"
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([root, "/elsewhere", "/elsewhere", root])
+    old = os.environ.pop("PYTHONPATH", None)
     try:
-        pid = procs.spawn(["-c", "import os; print(os.environ['PYTHONPATH'])"], out)
+        pid = procs.spawn(["-c", "import os, theychat.daemons.procs as p; "
+                                 "print(p.__file__, os.environ.get('PYTHONPATH'))"], out)
         os.waitpid(pid, 0)
     finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
+        if old is not None:
             os.environ["PYTHONPATH"] = old
-    assert out.read_text().strip() == os.pathsep.join([root, "/elsewhere"])
+    assert out.read_text().split() == [procs.__file__, "None"]

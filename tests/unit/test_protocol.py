@@ -7,14 +7,14 @@ import unicodedata
 
 import pytest
 
-from daemons.errors import (
+from theychat.daemons.errors import (
     BadArguments,
     InvalidUtf8,
     LineTooLong,
     ProtocolError,
     UnknownCommand,
 )
-from daemons.protocol import (
+from theychat.daemons.protocol import (
     COMMANDS,
     HISTORY_MAX,
     MAX_LINE_BYTES,

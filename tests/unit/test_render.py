@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from daemons.render import Event, encode, encode_json, encode_text, error, text_lines
+from theychat.daemons.render import Event, encode, encode_json, encode_text, error, text_lines
 
 MSG: Event = {"type": "message", "topic": "rust", "from": "alice", "text": "hi",
               "seq": 7, "ts": 1.5}

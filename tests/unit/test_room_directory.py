@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from daemons.directory import Directory, NickTaken
-from daemons.ratelimit import TokenBucket
-from daemons.room import Room
+from theychat.daemons.directory import Directory, NickTaken
+from theychat.daemons.ratelimit import TokenBucket
+from theychat.daemons.room import Room
 
 # --------------------------------------------------------------------------------------
 # Room

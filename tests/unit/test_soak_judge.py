@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from daemons.soak.judge import assess, percentiles
+from theychat.daemons.soak.judge import assess, percentiles
 
 T0 = 1_800_000_000.0
 RUN = {"traffic_from": T0, "traffic_until": T0 + 30, "clients": {"a": "x", "b": "x", "c": "x"}}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemons.soak.plan import KINDS, daemons_of, plan, supervisor_of
+from theychat.daemons.soak.plan import KINDS, daemons_of, plan, supervisor_of
 
 TOPICS = ["general", "random"]
 CLIENTS = ["soak1", "soak2"]

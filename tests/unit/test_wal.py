@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from daemons.wal import (
+from theychat.daemons.wal import (
     HEADER,
     MAX_PAYLOAD,
     Replay,
