@@ -8,13 +8,24 @@ from typing import Any
 from theychat.daemons.soak.judge import Verdict
 
 MAX_VIOLATIONS_SHOWN = 100
+NO_TIMELINE = ("timeline.png was not drawn: it needs matplotlib "
+               "(pip install 'theychat[soak]')")
+
+
+def can_draw() -> bool:
+    """Whether matplotlib is there to draw the timeline (the `soak` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f}"
 
 
-def markdown(verdict: Verdict, run: dict[str, Any]) -> str:
+def markdown(verdict: Verdict, run: dict[str, Any], drawn: bool = True) -> str:
     lines = [
         f"# TheyChat soak: {'PASS' if verdict.ok else 'FAIL'}",
         "",
@@ -76,7 +87,7 @@ def markdown(verdict: Verdict, run: dict[str, Any]) -> str:
         lines.append(f"- {v}")
     if len(verdict.violations) > MAX_VIOLATIONS_SHOWN:
         lines.append(f"- ... and {len(verdict.violations) - MAX_VIOLATIONS_SHOWN} more")
-    lines += ["", "![timeline](timeline.png)", ""]
+    lines += ["", "![timeline](timeline.png)" if drawn else f"({NO_TIMELINE}.)", ""]
     return "\n".join(lines)
 
 

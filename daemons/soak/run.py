@@ -28,7 +28,7 @@ from theychat.daemons.errors import TheyChatError
 from theychat.daemons.soak import plan as planning
 from theychat.daemons.soak.clients import SoakClient
 from theychat.daemons.soak.judge import judge
-from theychat.daemons.soak.report import markdown, timeline
+from theychat.daemons.soak.report import NO_TIMELINE, can_draw, markdown, timeline
 from theychat.daemons.soak.tree import HOST, Tree
 
 JOIN_TIMEOUT_S = 20.0
@@ -70,10 +70,6 @@ def validate(args: argparse.Namespace) -> None:
         raise SoakError("--fault-every: at least 1 second")
     if not 0 < args.rate <= 100:
         raise SoakError("--rate: expected more than 0 and at most 100 lines per second")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise SoakError("the timeline needs matplotlib: pip install 'theychat[soak]'") from None
 
 
 def base_config(path: str | None) -> dict[str, Any]:
@@ -81,7 +77,7 @@ def base_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
     cfg = config.load(path)
-    if cfg.listen.tls is not None:
+    if cfg.listen.tls.enabled:
         raise SoakError(f"{path}: listen.tls: the soak's clients speak plain TCP; "
                         "soak a copy of the config without it")
     data = yaml.safe_load(Path(path).read_text()) or {}
@@ -230,8 +226,12 @@ def run(args: argparse.Namespace) -> int:
     (report / "status.json").write_text(json.dumps({"rows": rows, "left_behind": left},
                                                    indent=2) + "\n")
     verdict = judge(report)
-    (report / "report.md").write_text(markdown(verdict, meta))
-    timeline(verdict, meta, report / "timeline.png")
+    drawn = can_draw()
+    (report / "report.md").write_text(markdown(verdict, meta, drawn))
+    if drawn:
+        timeline(verdict, meta, report / "timeline.png")
+    else:
+        print(f"soak: {NO_TIMELINE}", file=sys.stderr)
     for c in verdict.checks:
         print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.figure}")
     for v in verdict.violations[:20]:

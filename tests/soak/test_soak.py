@@ -8,6 +8,7 @@ write-ahead log loses its last record on replay, must find what that breaks.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,24 @@ def test_the_soak_fails_a_build_whose_log_loses_its_last_record(tmp_path: Path) 
     assert "| gaps | 0 | ok |" not in text
     assert tree_processes(report) == []
 
+
+def test_a_soak_takes_the_users_config_and_judges_without_matplotlib(tmp_path: Path) -> None:
+    """`--config` with one ordinary key is accepted (and used); without matplotlib the
+    report is still written, says what the timeline needs, and the verdict decides."""
+    conf = tmp_path / "mine.yaml"
+    conf.write_text("history:\n  size: 77\ntopics: [lounge]\n")
+    hidden = tmp_path / "no-matplotlib" / "matplotlib"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = put_first(hidden.parent, {**os.environ})
+    report = tmp_path / "report"
+    res = soak(report, "--duration", "12", "--clients", "2", "--fault-every", "2",
+               "--faults", "client_reset", "--config", str(conf), env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = (report / "report.md").read_text()
+    assert text.startswith("# TheyChat soak: PASS")
+    assert "topics lounge" in text  # the user's config, not the default topics
+    assert "it needs matplotlib (pip install 'theychat[soak]')" in text
+    assert "it needs matplotlib" in res.stderr
+    assert not (report / "timeline.png").exists()
+    assert tree_processes(report) == []
