@@ -256,8 +256,11 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
-def people(lab: Lab) -> Iterator[dict[str, Nc]]:
-    """ann and ben chat in rust all along; lou stays in the lobby."""
+def people() -> Iterator[dict[str, Nc]]:
+    """ann and ben chat in rust all along; lou stays in the lobby. The tests that use them
+    name this fixture first, so that without `nc` they skip before a lab is booted."""
+    if shutil.which("nc") is None:
+        pytest.skip("no nc (netcat-openbsd): the people of these tests chat through it")
     found: dict[str, Nc] = {}
     yield found
     for p in found.values():
@@ -318,7 +321,7 @@ def test_status_line_and_watchdog(lab: Lab) -> None:
         time.sleep(0.2)
 
 
-def test_people_chat_through_nc(lab: Lab, people: dict[str, Nc]) -> None:
+def test_people_chat_through_nc(people: dict[str, Nc], lab: Lab) -> None:
     netns = lab.netns
     for nick in ("ann", "ben", "lou"):
         people[nick] = Nc(netns, nick)
@@ -338,7 +341,7 @@ def test_people_chat_through_nc(lab: Lab, people: dict[str, Nc]) -> None:
 @pytest.mark.parametrize("sig", ["KILL", "STOP"])
 @pytest.mark.parametrize("victim", list(SUPERVISOR))
 def test_a_dead_or_hung_daemon_is_restarted_through_systemd(
-        lab: Lab, people: dict[str, Nc], victim: str, sig: str) -> None:
+        people: dict[str, Nc], lab: Lab, victim: str, sig: str) -> None:
     assert people, "test_people_chat_through_nc did not run"
     ann, ben, lou = people["ann"], people["ben"], people["lou"]
     supervisor = SUPERVISOR[victim]
@@ -412,7 +415,7 @@ def test_a_deliberate_stop_or_restart_is_not_a_failure(lab: Lab) -> None:
 
 
 def test_both_roots_dead_at_once_are_restarted_by_systemd(
-        lab: Lab, people: dict[str, Nc]) -> None:
+        people: dict[str, Nc], lab: Lab) -> None:
     """No supervisor is left to see it: systemd's Restart=on-failure (RestartSec=2s)."""
     roots = ["router", "router-monitor"]
     before = {n: (int(lab.prop(unit(n), "MainPID")), int(lab.prop(unit(n), "NRestarts")))
@@ -435,7 +438,7 @@ def test_both_roots_dead_at_once_are_restarted_by_systemd(
 
 
 def test_a_crash_loop_ends_in_our_gave_up_not_in_systemds_start_limit(
-        lab: Lab, people: dict[str, Nc]) -> None:
+        people: dict[str, Nc], lab: Lab) -> None:
     """systemd's default (5 starts in 10 s) would refuse the 6th start half a second
     into the loop; StartLimitIntervalSec=0 leaves the decision to our policy."""
     t0 = now()
@@ -465,7 +468,7 @@ def test_a_crash_loop_ends_in_our_gave_up_not_in_systemds_start_limit(
     lou.expect(r"you are in go")
 
 
-def test_stop_then_shutdown_leave_nothing_behind(lab: Lab, people: dict[str, Nc]) -> None:
+def test_stop_then_shutdown_leave_nothing_behind(people: dict[str, Nc], lab: Lab) -> None:
     t0 = now()
     lab.sc("stop", "theychat.target")
     deadline = time.monotonic() + WAIT_S
