@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from theychat.daemons import config, control, logs, passwords, procs
+from theychat.daemons import config, logs, passwords, procs
 from theychat.daemons.config import Config
-from theychat.daemons.errors import ConfigError, ControlError, TheyChatError
-from theychat.daemons.paths import StatePaths, daemon_name
+from theychat.daemons.errors import ConfigError, TheyChatError
+from theychat.daemons.paths import StatePaths
+from theychat.daemons.status import gather, live_daemons
+from theychat.daemons.tree import MANAGER, ROOT, DaemonId, command, every_daemon
 
 START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
 
 
 class CliError(TheyChatError):
@@ -39,65 +40,6 @@ def _load(path: str | None) -> tuple[Config, StatePaths]:
     return cfg, paths
 
 
-def expected(topics: list[str]) -> list[tuple[str, str | None]]:
-    """(role, topic) of every daemon the tree should have."""
-    tree: list[tuple[str, str | None]] = [("router", None), ("router-monitor", None)]
-    for t in topics:
-        tree += [("server", t), ("server-monitor", t)]
-    return tree
-
-
-def live_daemons(paths: StatePaths) -> dict[str, procs.PidRecord]:
-    found = {}
-    for pidfile in sorted(paths.run.glob("*.pid")):
-        rec = procs.read_pidfile(pidfile)
-        if rec is not None and rec.alive():
-            found[pidfile.stem] = rec
-    return found
-
-
-def _query(paths: StatePaths, name: str, timeout: float = 0.5) -> dict[str, Any] | None:
-    try:
-        return control.check(control.request_sync(paths.control(name), {"op": "status"}, timeout))
-    except ControlError:
-        return None
-
-
-def gather(cfg: Config, paths: StatePaths) -> list[dict[str, Any]]:
-    """One row per expected daemon, from its own answer and from its supervisor's."""
-    router = _query(paths, "router")
-    topics = list(router["topics"]) if router else cfg.topics.names
-    replies = {"router": router}
-    rows = []
-    for role, topic in expected(topics):
-        name = daemon_name(role, topic)
-        reply = replies[name] = router if name == "router" else _query(paths, name)
-        rec = procs.read_pidfile(paths.pidfile(name))
-        alive = rec is not None and rec.alive()
-        if reply:
-            me = reply["daemon"]
-            row = {"pid": me["pid"], "state": me["state"], "uptime_s": me["uptime_s"],
-                   "incarnation": me.get("incarnation"),
-                   "heartbeats_rejected": me.get("heartbeats_rejected", {})}
-        else:
-            row = {"pid": rec.pid if alive and rec else None,
-                   "state": "unresponsive" if alive else "down", "uptime_s": None,
-                   "incarnation": rec.incarnation if rec else None,
-                   "heartbeats_rejected": {}}
-        rows.append({"name": name, "role": role, "topic": topic, **row})
-    # What supervisors know about their children: a child they gave up on says so.
-    given_up = {c["name"] for r in replies.values() if r
-                for c in r.get("children", []) if c.get("state") == "gave_up"}
-    for row in rows:
-        if row["name"] in given_up and row["state"] != "ready":
-            row["state"] = "gave_up"
-        # Each start of a daemon bumps the incarnation in its pid file, so this count
-        # survives the restart of the supervisor that did the restarting.
-        inc = row.pop("incarnation")
-        row["restarts"] = inc - 1 if isinstance(inc, int) else None
-    return rows
-
-
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -106,12 +48,20 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def _shutdown_s(name: str) -> float:
+    """How long a daemon gets between SIGTERM and SIGKILL: its role's shutdown time."""
+    try:
+        return DaemonId.parse(name).spec.shutdown_ms / 1000
+    except ValueError:
+        return MANAGER.shutdown_ms / 1000
+
+
 def stop_tree(paths: StatePaths) -> int:
     """Stop every daemon of this state dir; no supervisor restarts what is stopped."""
     paths.stopping.touch(mode=0o600)
     signalled: dict[int, float] = {}
     quiet_since: float | None = None
-    deadline = time.monotonic() + STOP_TIMEOUT_S * 2
+    deadline = time.monotonic() + 2 * max(_shutdown_s(d.name) for d in every_daemon(["t"]))
     try:
         while time.monotonic() < deadline:
             live = live_daemons(paths)
@@ -123,12 +73,12 @@ def stop_tree(paths: StatePaths) -> int:
                     break
             else:
                 quiet_since = None
-            for rec in live.values():
+            for name, rec in live.items():
                 first = signalled.setdefault(rec.pid, now)
                 if first == now:
                     procs.signal_process(rec, signal.SIGTERM)
                     procs.signal_process(rec, signal.SIGCONT)  # a stopped one must hear it
-                elif now - first > STOP_TIMEOUT_S:
+                elif now - first > _shutdown_s(name):
                     procs.signal_process(rec, signal.SIGKILL)
             time.sleep(0.05)
         for pidfile in paths.run.glob("*.pid"):
@@ -165,12 +115,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     paths.stopping.unlink(missing_ok=True)
     for stale in paths.run.glob("*.pid"):
         stale.unlink()  # a fresh tree counts restarts from zero
-    err = paths.stderr("router")
+    root = DaemonId(ROOT)
+    err = paths.stderr(root.name)
     mark = err.stat().st_size if err.exists() else 0
-    argv = ["-m", "theychat.daemons.router", "--state-dir", str(paths.root)]
-    if args.config:
-        argv += ["--config", str(Path(args.config).absolute())]
-    pid = procs.spawn(argv, err)
+    conf = str(Path(args.config).absolute()) if args.config else None
+    pid = procs.spawn(command(root, str(paths.root), conf), err)
     started = procs.start_time(pid)
     host, port = cfg.listen.host, cfg.listen.port
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -178,7 +127,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     while time.monotonic() < deadline:
         time.sleep(0.1)
         procs.reap(pid)
-        rec = procs.read_pidfile(paths.pidfile("router"))
+        rec = procs.read_pidfile(paths.pidfile(root.name))
         if not procs.alive(pid, started) and not (rec and rec.alive()):
             why = _tail(err, mark) or "the router exited during start"
             stop_tree(paths)
@@ -191,7 +140,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         late = ", ".join(f"{r['name']} ({r['state']})" for r in rows if r["state"] != "ready")
         raise CliError(f"TheyChat did not become ready in {START_TIMEOUT_S:.0f}s: {late}")
     # The root of the tree from now on: restarts the router pair if both die at once.
-    procs.spawn(["-m", "theychat.daemons.manager", *argv[2:]], paths.stderr("manager"))
+    manager = DaemonId(MANAGER.role)
+    procs.spawn(command(manager, str(paths.root), conf), paths.stderr(manager.name))
     hint = (f"theychat chat --tls {host} {port}" if cfg.listen.tls.enabled
             else f"nc {host} {port}")
     print(f"TheyChat is up: {len(rows)} daemons, clients connect to {host}:{port} "
@@ -260,7 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             restarts = "-" if r["restarts"] is None else r["restarts"]
             print(f"{r['role']:<16}{r['topic'] or '-':<14}{r['pid'] or '-':>8}  "
                   f"{r['state']:<13}{up:>9}{restarts:>10}")
-        manager = procs.read_pidfile(paths.pidfile("manager"))
+        manager = procs.read_pidfile(paths.pidfile(MANAGER.role))
         root = (f"process manager pid {manager.pid}" if manager and manager.alive()
                 else "no process manager (systemd, or stopped)")
         print(f"state dir: {paths.root}; {root}; {'healthy' if healthy else 'NOT healthy'}")

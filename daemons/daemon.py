@@ -29,8 +29,10 @@ from theychat.daemons.heartbeat import (
     read_endpoint,
     write_endpoint,
 )
-from theychat.daemons.paths import StatePaths, daemon_name, supervisors_of
+from theychat.daemons.paths import StatePaths
+from theychat.daemons.protocol import MAX_NAME, valid_name
 from theychat.daemons.supervisor import Child, Supervisor
+from theychat.daemons.tree import ChildSpec, DaemonId, Role, command, spec_of
 
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3  # another incarnation holds the lock: not a failure to restart for
@@ -39,8 +41,7 @@ HEARTBEAT_HOST = "127.0.0.1"  # supervisors and children share a host today
 
 @dataclass
 class Daemon:
-    role: str
-    topic: str | None
+    id: DaemonId
     cfg: Config
     paths: StatePaths
     config_path: str | None
@@ -56,17 +57,20 @@ class Daemon:
     notifier: systemd.Notifier = field(default_factory=systemd.Notifier)
 
     @property
-    def name(self) -> str:
-        return daemon_name(self.role, self.topic)
+    def role(self) -> Role:
+        return self.id.role
 
-    def child_args(self, module: str, topic: str | None = None) -> list[str]:
-        """Arguments that start another daemon of this tree on the same config."""
-        args = ["-m", module, "--state-dir", str(self.paths.root)]
-        if self.config_path:
-            args += ["--config", self.config_path]
-        if topic:
-            args += ["--topic", topic]
-        return args
+    @property
+    def topic(self) -> str | None:
+        return self.id.topic
+
+    @property
+    def name(self) -> str:
+        return self.id.name
+
+    def child_spec(self, child: DaemonId) -> ChildSpec:
+        """How to start another daemon of this tree, on our state dir and config."""
+        return ChildSpec(child, command(child, str(self.paths.root), self.config_path))
 
     async def listen(self) -> HeartbeatListener:
         """Receive heartbeats from our children; publish where they should send them."""
@@ -85,11 +89,12 @@ class Daemon:
         manager = (systemd.SystemdManager(self.log)
                    if self.cfg.supervision.backend == "systemd" else None)
         return Supervisor(self.paths, self.log, self.cfg.supervision,
-                          self.cfg.heartbeat.timeout_ms, self.listener, manager=manager,
-                          on_gave_up=on_gave_up)
+                          self.cfg.heartbeat.timeout_ms, self.listener.watches,
+                          manager=manager, on_gave_up=on_gave_up)
 
     def _start_heartbeats(self) -> None:
-        targets = [self.paths.heartbeat(n) for n in supervisors_of(self.role, self.topic)]
+        supervisor = self.id.supervisor
+        targets = [self.paths.heartbeat(supervisor.name)] if supervisor else []
         template = Beat(self.role, self.topic, self.name, os.getpid(), self.incarnation, 0, 0)
 
         def endpoints() -> list[tuple[str, int]]:
@@ -152,16 +157,23 @@ def _fail(name: str, text: str, code: int) -> int:
 LOCK_GRACE_S = 2.0
 
 
-def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m theychat.daemons.{role.replace('-', '_')}")
+def run(role: Role, body: Callable[[Daemon], Awaitable[None]],
+        argv: list[str] | None = None) -> int:
+    spec = spec_of(role)
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.module}", description=spec.summary)
     parser.add_argument("--config")
     parser.add_argument("--state-dir")
-    parser.add_argument("--topic")
+    parser.add_argument("--topic", required=spec.per_topic,
+                        help="its topic" if spec.per_topic else argparse.SUPPRESS)
     parser.add_argument("--standby", action="store_true",
                         help="start, then wait for the supervisor's go on fd 3 to take over")
     args = parser.parse_args(argv)
+    if args.topic is not None and not (spec.per_topic and valid_name(args.topic)):
+        parser.error(f"--topic: expected a topic name (1-{MAX_NAME} of A-Z a-z 0-9 _ -)"
+                     if spec.per_topic else f"--topic: {role} has no topic")
+    me = DaemonId(role, args.topic)
     os.umask(0o077)  # logs, pid files and sockets are private to the user
-    name = daemon_name(role, args.topic)
+    name = me.name
     try:
         cfg = config.load(args.config)
         paths = StatePaths(Path(args.state_dir) if args.state_dir else cfg.resolved_state_dir())
@@ -182,8 +194,7 @@ def run(role: str, body: Callable[[Daemon], Awaitable[None]], argv: list[str] | 
     log = logs.configure(paths.log(name), cfg.log.level, role=role, topic=args.topic,
                          pid=os.getpid(), incarnation=incarnation)
     procs.write_pidfile(paths.pidfile(name), incarnation)
-    d = Daemon(role, args.topic, cfg, paths, args.config and os.path.abspath(args.config),
-               log, incarnation)
+    d = Daemon(me, cfg, paths, args.config and os.path.abspath(args.config), log, incarnation)
     try:
         d.key = load_or_create_key(paths.heartbeat_key)
     except TheyChatError as e:

@@ -17,12 +17,11 @@ from theychat.daemons.control import Message, fail, ok
 from theychat.daemons.daemon import Daemon
 from theychat.daemons.errors import ControlError
 from theychat.daemons.policy import RestartPolicy, decide, prune
-from theychat.daemons.supervisor import ChildSpec
+from theychat.daemons.tree import Role, roots
 
 POLL_S = 0.1
 # The pair restart each other within milliseconds; only a longer joint absence is ours.
 BOTH_DEAD_FOR_S = 0.5
-ROOTS = ("router", "router-monitor")
 
 
 def _alive(d: Daemon, name: str) -> bool:
@@ -51,7 +50,9 @@ async def main_async(d: Daemon) -> None:
     s = d.cfg.supervision
     policy = RestartPolicy(s.max_restarts, s.window_s, s.backoff_initial_ms, s.backoff_step_ms,
                            s.backoff_max_ms)
-    spec = ChildSpec("router", "router", None, d.child_args("theychat.daemons.router"))
+    root, partner = roots()
+    spec = d.child_spec(root)
+    watched = [root.name, partner.name]
     recent: list[float] = []
     restarts = 0
     gave_up = False
@@ -63,41 +64,41 @@ async def main_async(d: Daemon) -> None:
 
     ctl = control.ControlServer(d.paths.control(d.name), on_control, d.log)
     await ctl.start()
-    d.ready(watching=list(ROOTS))
+    d.ready(watching=watched)
     both_dead_since: float | None = None
     while not d.stop.is_set():
         await asyncio.sleep(POLL_S)
-        if d.paths.stopping.exists() or any(_alive(d, n) for n in ROOTS):
+        if d.paths.stopping.exists() or any(_alive(d, n) for n in watched):
             both_dead_since = None
             continue
         now = time.monotonic()
         both_dead_since = both_dead_since or now
         if now - both_dead_since < BOTH_DEAD_FOR_S or gave_up:
             continue
-        d.log.warning("peer_declared_dead", child="router", cause="exit",
+        d.log.warning("peer_declared_dead", child=spec.name, cause="exit",
                       detection_ms=round((now - both_dead_since) * 1000), both_roots=True)
         recent = prune(recent, now, policy.window_s)
         decision = decide(policy, recent, now)
         if decision.action == "give_up":
             gave_up = True
-            d.log.error("gave_up", child="router", restarts_in_window=len(recent))
+            d.log.error("gave_up", child=spec.name, restarts_in_window=len(recent))
             continue
-        d.log.info("restarting", child="router", cause="exit",
+        d.log.info("restarting", child=spec.name, cause="exit",
                    delay_ms=round(decision.delay_s * 1000))
         await asyncio.sleep(decision.delay_s)
         pid = procs.spawn(spec.args, d.paths.stderr(spec.name))
         recent.append(now)
         restarts += 1
-        d.log.info("child_started", child="router", child_pid=pid)
-        if await _ready(d, "router", pid, s.start_timeout_ms / 1000):
-            d.log.info("restarted", child="router", child_pid=pid, restarts=restarts,
+        d.log.info("child_started", child=spec.name, child_pid=pid)
+        if await _ready(d, spec.name, pid, s.start_timeout_ms / 1000):
+            d.log.info("restarted", child=spec.name, child_pid=pid, restarts=restarts,
                        recovery_ms=round((time.monotonic() - now) * 1000, 1))
         both_dead_since = None
     await ctl.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return daemon.run("manager", main_async, argv)
+    return daemon.run(Role.MANAGER, main_async, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What the two kinds of monitor share: supervise one child, hold duplicates of its client
-sockets (fdstore), answer `status`.
+"""The two kinds of monitor (router-monitor, server-monitor@TOPIC): supervise the one
+child the tree gives them, hold duplicates of its client sockets (fdstore), answer
+`status`.
 """
 
 from __future__ import annotations
@@ -8,23 +9,30 @@ import asyncio
 import contextlib
 import time
 
-from theychat.daemons import control
+from theychat.daemons import control, daemon
 from theychat.daemons.control import Message, fail, ok
 from theychat.daemons.daemon import Daemon
 from theychat.daemons.errors import ControlError
 from theychat.daemons.fdstore import FdVault
-from theychat.daemons.supervisor import Child, ChildSpec
+from theychat.daemons.supervisor import Child
+from theychat.daemons.tree import ROOT, DaemonId, Role
 
 
-async def supervise_one(d: Daemon, spec: ChildSpec) -> None:
+def run(role: Role, argv: list[str] | None = None) -> int:
+    return daemon.run(role, supervise_one, argv)
+
+
+async def supervise_one(d: Daemon) -> None:
+    (child_id,) = d.id.children([d.topic] if d.topic else [])
+    spec = d.child_spec(child_id)
     vault = FdVault()
     worker_ctl = d.paths.control(spec.name)
-    router_ctl = d.paths.control("router")
+    router_ctl = d.paths.control(DaemonId(ROOT).name)
 
     async def gave_up(child: Child) -> None:
         """Escalate: the topic is unavailable, and its people go back to the lobby."""
-        if spec.role != "server":
-            return
+        if spec.topic is None:
+            return  # the lobby itself: nowhere to send its people
         with contextlib.suppress(ControlError):
             await control.request(router_ctl, {"op": "topic_down", "topic": spec.topic})
         notice = f"{spec.topic} is unavailable (its server keeps failing); you are in the lobby"

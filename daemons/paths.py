@@ -1,4 +1,6 @@
-"""Layout of a state directory: one tree per running TheyChat, private to its user."""
+"""Layout of a state directory: one tree per running TheyChat, private to its user.
+
+Files are named after daemons (`tree.DaemonId.name`: `server@rust`)."""
 
 from __future__ import annotations
 
@@ -8,24 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from theychat.daemons.errors import StateDirError
+from theychat.daemons.protocol import MAX_NAME
+from theychat.daemons.tree import every_daemon, holder
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
-
-
-def daemon_name(role: str, topic: str | None) -> str:
-    """`router`, `router-monitor`, `server@rust`, `server-monitor@rust` (systemd-style)."""
-    return f"{role}@{topic}" if topic else role
-
-
-def supervisors_of(role: str, topic: str | None) -> list[str]:
-    """Who a daemon sends heartbeats to: the supervision tree, upwards."""
-    return {
-        "router": ["router-monitor"],
-        "router-monitor": ["router"],
-        "server-monitor": ["router"],
-        "server": [daemon_name("server-monitor", topic)],
-    }.get(role, [])
 
 
 @dataclass(frozen=True)
@@ -54,6 +43,13 @@ class StatePaths:
 
     def control(self, name: str) -> Path:
         return self.run / f"{name}.ctl"
+
+    def witness(self, topic: str | None) -> Path:
+        """The control socket of the monitor that keeps copies of the sockets of people
+        in `topic` (None: the lobby): who can tell whether a handoff there happened."""
+        monitor = holder(topic).supervisor
+        assert monitor is not None
+        return self.control(monitor.name)
 
     def pidfile(self, name: str) -> Path:
         return self.run / f"{name}.pid"
@@ -89,7 +85,8 @@ class StatePaths:
                     raise StateDirError(f"{d}: not writable")
             except OSError as e:
                 raise StateDirError(f"{d}: {e.strerror or e}") from None
-        longest = self.control("server-monitor@" + "x" * 32)
+        longest = max((self.control(d.name) for d in every_daemon(["x" * MAX_NAME])),
+                      key=lambda p: len(str(p)))
         if len(str(longest)) > MAX_SOCKET_PATH:
             raise StateDirError(
                 f"{self.root}: path too long for Unix sockets "

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from theychat.daemons.errors import BadArguments, InvalidUtf8, LineTooLong, UnknownCommand
 
 MAX_LINE_BYTES = 4096
-NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+MAX_NAME = 32  # nicks and topic names
+NAME_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_NAME}}}")
 
 # CSI, OSC (up to BEL or ST) and two-byte escapes; whatever is left of a broken sequence
 # loses its ESC below and is harmless printable text.

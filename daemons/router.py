@@ -28,8 +28,9 @@ from theychat.daemons.errors import ControlError, TheyChatError
 from theychat.daemons.fdstore import FdKeeper
 from theychat.daemons.journal import Journal
 from theychat.daemons.protocol import Command, fold, valid_name
-from theychat.daemons.supervisor import Child, ChildSpec, Supervisor
+from theychat.daemons.supervisor import Child, Supervisor
 from theychat.daemons.tlsbridge import TlsBridge, server_context
+from theychat.daemons.tree import Role, holder
 
 LISTENER = "listener"  # fd store key of the client port's listening socket
 # Checked against when /oper names no operator, so a wrong name costs as long as a wrong
@@ -63,14 +64,16 @@ class Router(CommandHandler):
         self.dir = Directory(d.cfg.topics.names)
         self.lobby: dict[str, ClientConn] = {}
         self.unavailable: set[str] = set()  # topics whose supervisor gave up
-        self.keeper = FdKeeper(d.paths.control("router-monitor"), d.log)
+        monitor = d.id.supervisor
+        assert monitor is not None
+        self.keeper = FdKeeper(d.paths.control(monitor.name), d.log)
         self._tasks: set[asyncio.Task[None]] = set()
         self.listener: socket.socket | None = None
         self.sup: Supervisor
         self.journal: Journal
 
     def server_ctl(self, topic: str) -> Path:
-        return self.d.paths.control(f"server@{topic}")
+        return self.d.paths.control(holder(topic).name)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -111,8 +114,8 @@ class Router(CommandHandler):
         self.sup = d.supervisor(on_gave_up=self._gave_up)
         self.keeper.start()
         self.keeper.store(LISTENER, listener.fileno(), {"kind": LISTENER})
-        self.sup.add(ChildSpec("router-monitor", "router-monitor", None,
-                               d.child_args("theychat.daemons.router_monitor")))
+        for child in d.id.children([]):  # the host's own: the router-monitor
+            self.sup.add(d.child_spec(child))
         for topic in self.dir.topics:
             self._supervise_topic(topic)
         servers = await self._serve_clients(listener)
@@ -200,11 +203,13 @@ class Router(CommandHandler):
         return (str(infos[0][4][0]), int(infos[0][4][1]))
 
     def _supervise_topic(self, topic: str) -> None:
-        self.sup.add(ChildSpec(f"server-monitor@{topic}", "server-monitor", topic,
-                               self.d.child_args("theychat.daemons.server_monitor", topic)))
+        """Start (or adopt) the topic's own children of ours: its server-monitor."""
+        for child in self.d.id.children([topic]):
+            if child.topic == topic:
+                self.sup.add(self.d.child_spec(child))
 
     async def _gave_up(self, child: Child) -> None:
-        if child.spec.role == "server-monitor" and child.spec.topic:
+        if child.spec.topic:
             self._topic_down(child.spec.topic)
 
     def _topic_down(self, topic: str) -> None:
@@ -352,8 +357,7 @@ class Router(CommandHandler):
         sid = conn.session.sid
         op = {"op": "adopt", "from": None, "resume_after": resume_after}
         try:
-            await conn.hand_over(self.server_ctl(topic), op,
-                                 self.d.paths.control(f"server-monitor@{topic}"))
+            await conn.hand_over(self.server_ctl(topic), op, self.d.paths.witness(topic))
         except ControlError as e:
             self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
             conn.send(handoff_error(e, f"topic {topic} is unavailable right now; try again"))
@@ -472,11 +476,13 @@ class Router(CommandHandler):
         with contextlib.suppress(ControlError):
             await control.request(self.server_ctl(topic), {"op": "evacuate", "notice": notice},
                                   timeout=10.0)
-        self.sup.forget(f"server-monitor@{topic}")
+        monitor = holder(topic).supervisor
+        assert monitor is not None
+        self.sup.forget(monitor.name)
         with contextlib.suppress(ControlError):
-            await control.request(self.d.paths.control(f"server-monitor@{topic}"),
+            await control.request(self.d.paths.control(monitor.name),
                                   {"op": "stop_child"}, timeout=15.0)
-        wal = self.d.paths.wal(f"server@{topic}")
+        wal = self.d.paths.wal(holder(topic).name)
         for leftover in (wal, wal.with_suffix(".fanout")):
             leftover.unlink(missing_ok=True)  # forgotten: a new /create starts afresh
         self.log.info("topic_dropped", dropped=topic, by=nick)
@@ -725,7 +731,7 @@ async def main_async(d: Daemon) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return daemon.run("router", main_async, argv)
+    return daemon.run(Role.ROUTER, main_async, argv)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from theychat.daemons.clientconn import ClientConn, Session, attach, write_each
 from theychat.daemons.commands import CommandHandler, Pending, handoff_error
 from theychat.daemons.control import Message, fail, ok
 from theychat.daemons.daemon import Daemon
-from theychat.daemons.errors import ControlError, TheyChatError
+from theychat.daemons.errors import ControlError
 from theychat.daemons.fdstore import FdKeeper
 from theychat.daemons.journal import Journal
-from theychat.daemons.protocol import Command, fold, valid_name
+from theychat.daemons.protocol import Command, fold
 from theychat.daemons.render import Event, encode
 from theychat.daemons.room import Room
+from theychat.daemons.tree import Role, holder
 from theychat.daemons.watermark import Watermark
 
 DEFAULT_HISTORY_LINES = 20
@@ -39,14 +40,14 @@ class Server(CommandHandler):
         self.room = Room(d.topic, d.cfg.history.size)
         self.conns: dict[str, ClientConn] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.keeper = FdKeeper(d.paths.control(f"server-monitor@{d.topic}"), d.log)
+        self.keeper = FdKeeper(d.paths.witness(d.topic), d.log)
         self.journal: Journal
         self.fanned: Watermark
         self.closing = False  # shutting down: connections end, but nobody left
 
     @property
     def router_ctl(self) -> Path:
-        return self.d.paths.control("router")
+        return self.d.paths.control(holder(None).name)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -402,7 +403,7 @@ class Server(CommandHandler):
             conn.send({"type": "error", "code": "no_such_topic",
                        "text": f"no topic {name}; topics: {', '.join(names)}"})
             return
-        await self._move(conn, self.d.paths.control(f"server@{topic}"), topic)
+        await self._move(conn, self.d.paths.control(holder(topic).name), topic)
 
     def cmd_create(self, conn: ClientConn, cmd: Command) -> Pending:
         return self._create(conn, cmd.arg)
@@ -416,7 +417,7 @@ class Server(CommandHandler):
         topic = str(reply["topic"])
         conn.send({"type": "ok", "cmd": "create", "topic": topic,
                    "text": f"topic {topic} created; you are its operator"})
-        await self._move(conn, self.d.paths.control(f"server@{topic}"), topic)
+        await self._move(conn, self.d.paths.control(holder(topic).name), topic)
 
     def cmd_oper(self, conn: ClientConn, cmd: Command) -> Pending:
         return self._oper(conn, cmd.arg, cmd.text)
@@ -514,9 +515,7 @@ class Server(CommandHandler):
         if notice:
             op["notice"] = notice
         try:
-            witness = self.d.paths.control(
-                f"server-monitor@{topic}" if topic else "router-monitor")
-            await conn.hand_over(target, op, witness)
+            await conn.hand_over(target, op, self.d.paths.witness(topic))
         except ControlError as e:
             self.room.add(sid, nick)
             self.conns[sid] = conn
@@ -569,13 +568,11 @@ class Server(CommandHandler):
 
 
 async def main_async(d: Daemon) -> None:
-    if d.topic is None or not valid_name(d.topic):
-        raise TheyChatError("--topic: expected a topic name (1-32 of A-Z a-z 0-9 _ -)")
     await Server(d).run()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return daemon.run("server", main_async, argv)
+    return daemon.run(Role.SERVER, main_async, argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Keeps child daemons running, in Erlang/OTP's terms: permanent children, one_for_one,
-a restart intensity (MaxR restarts in MaxT seconds) with short exponential backoff.
+"""Keeps child daemons running, in Erlang/OTP's terms: one_for_one, each child restarted
+as its child spec says (`tree.ChildSpec`: permanent or transient), with a restart
+intensity (MaxR restarts in MaxT seconds) and short exponential backoff.
 
 A child is declared dead when its pid exits (pidfd: at once) or when it sends no valid
 heartbeat for `heartbeat.timeout_ms` (a hang: SIGSTOP, a deadlock). A hung child is
 killed, after checking the pid is still the process we started, before it is replaced.
 Decisions come from `policy.decide`; starting processes goes through a
-`ProcessManager`, so another backend (systemd) changes how, not when.
+`ProcessManager`, so another backend (systemd) changes how, not when; what the
+supervisor asks of the OS (pid files, exits, signals) goes through `Processes`, and its
+clock is its event loop's, so a test can drive it with fakes and a virtual clock.
 """
 
 from __future__ import annotations
@@ -15,28 +18,21 @@ import contextlib
 import inspect
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from theychat.daemons import procs
 from theychat.daemons.config import Supervision
-from theychat.daemons.heartbeat import HeartbeatListener, PeerWatch, monotonic_ms
+from theychat.daemons.heartbeat import PeerWatch
 from theychat.daemons.paths import StatePaths
 from theychat.daemons.policy import RestartPolicy, decide, prune
+from theychat.daemons.procs import PidRecord
+from theychat.daemons.tree import ChildSpec, Restart
 
 STARTING_POLL_MS = 20
 PIDFILE_POLL_S = 0.01  # waiting for a child that systemd starts to write its pid file
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    name: str  # daemon name, e.g. `server-monitor@rust`
-    role: str
-    topic: str | None
-    args: list[str]  # python arguments: ["-m", "theychat.daemons.server", ...]
 
 
 class ProcessManager(Protocol):
@@ -62,8 +58,54 @@ class ProcessManager(Protocol):
         ...
 
 
-# Roles whose restarts are worth an idle process each: a topic's clients wait for them.
-STANDBY_ROLES = ("server",)
+class Processes(Protocol):
+    """The OS as a supervisor sees it: `HostProcesses`, or a fake in unit tests."""
+
+    def pid_record(self, name: str) -> PidRecord | None:
+        """What the daemon's pid file says (its current or last process)."""
+        ...
+
+    def alive(self, rec: PidRecord) -> bool:
+        ...
+
+    def start_time(self, pid: int) -> int | None:
+        ...
+
+    async def wait_exit(self, pid: int, started: int | None) -> None:
+        ...
+
+    def signal(self, rec: PidRecord, sig: int) -> bool:
+        """Send `sig` if `rec` still names that process; False if it does not."""
+        ...
+
+    def stopping(self) -> bool:
+        """`theychat down` is under way: restart nothing."""
+        ...
+
+
+class HostProcesses:
+    """`Processes` of this host: pid files of a state directory, pidfds, signals."""
+
+    def __init__(self, paths: StatePaths) -> None:
+        self.paths = paths
+
+    def pid_record(self, name: str) -> PidRecord | None:
+        return procs.read_pidfile(self.paths.pidfile(name))
+
+    def alive(self, rec: PidRecord) -> bool:
+        return rec.alive()
+
+    def start_time(self, pid: int) -> int | None:
+        return procs.start_time(pid)
+
+    async def wait_exit(self, pid: int, started: int | None) -> None:
+        await procs.wait_exit(pid, started)
+
+    def signal(self, rec: PidRecord, sig: int) -> bool:
+        return procs.signal_process(rec, sig)
+
+    def stopping(self) -> bool:
+        return self.paths.stopping.exists()
 
 
 class SpawnManager:
@@ -92,7 +134,7 @@ class SpawnManager:
         return False  # `theychat down` says so with the stopping marker instead
 
     def prepare_standby(self, spec: ChildSpec) -> int | None:
-        if not self.warm_standby or spec.role not in STANDBY_ROLES:
+        if not self.warm_standby or not spec.standby:  # worth it where clients wait
             return None
         if spec.name in self.standbys:
             pid, go = self.standbys[spec.name]
@@ -144,6 +186,7 @@ class Child:
                 "pid": self.pid, "state": self.state, "restarts": self.restarts}
 
 
+
 class Supervisor:
     def __init__(
         self,
@@ -151,29 +194,35 @@ class Supervisor:
         log: Any,
         settings: Supervision,
         heartbeat_timeout_ms: int,
-        listener: HeartbeatListener,
+        watches: dict[str, PeerWatch],
         manager: ProcessManager | None = None,
         on_gave_up: Callable[[Child], Awaitable[None]] | None = None,
+        processes: Processes | None = None,
     ) -> None:
-        self.paths = paths
         self.log = log
         self.policy = RestartPolicy(settings.max_restarts, settings.window_s,
                                     settings.backoff_initial_ms, settings.backoff_step_ms,
                                     settings.backoff_max_ms)
         self.timeout_ms = heartbeat_timeout_ms
         self.start_timeout_ms = max(settings.start_timeout_ms, heartbeat_timeout_ms)
-        self.listener = listener
+        self.watches = watches  # the heartbeat listener's: a child's beats land in its watch
         self.manager = manager or SpawnManager(paths, settings.warm_standby)
+        self.os = processes or HostProcesses(paths)
         self.on_gave_up = on_gave_up
         self.children: dict[str, Child] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # running ones only: restarts add more
 
-    def stopping(self) -> bool:
-        return self.paths.stopping.exists()
+    @staticmethod
+    def now() -> float:
+        """Seconds on the event loop's clock (monotonic; virtual in tests)."""
+        return asyncio.get_running_loop().time()
+
+    def now_ms(self) -> int:
+        return int(self.now() * 1000)
 
     def add(self, spec: ChildSpec) -> Child:
-        watch = PeerWatch(spec.name, self.timeout_ms, monotonic_ms())
-        self.listener.watches[spec.name] = watch
+        watch = PeerWatch(spec.name, self.timeout_ms, self.now_ms())
+        self.watches[spec.name] = watch
         child = Child(spec, watch)
         self.children[spec.name] = child
         child.task = self._spawn(self._keep(child))
@@ -192,11 +241,21 @@ class Supervisor:
         child.recent.append(declared)
         self._spawn(self._report_restarted(child, declared))
 
+    def _running(self, child: Child, rec: PidRecord) -> None:
+        """From now on `child` is the process `rec` names: watch it afresh."""
+        child.pid, child.started, child.state = rec.pid, rec.start_time, "running"
+        self._watch_from_now(child)
+
+    def _watch_from_now(self, child: Child) -> None:
+        child.beats_at_start = child.watch.accepted
+        child.started_ms = self.now_ms()
+        child.watch.reset(child.started_ms)
+
     # -- one child's life ----------------------------------------------------------------
 
     def _adopt(self, child: Child) -> bool:
-        rec = procs.read_pidfile(self.paths.pidfile(child.spec.name))
-        if rec is None or not rec.alive():
+        rec = self.os.pid_record(child.spec.name)
+        if rec is None or not self.os.alive(rec):
             return False
         child.pid, child.started, child.state = rec.pid, rec.start_time, "running"
         self.log.info("child_adopted", child=child.spec.name, child_pid=rec.pid)
@@ -206,9 +265,9 @@ class Supervisor:
         # A start that lost the race for the lock exits at once; the winner's pid file
         # names the process to watch instead.
         if not self._adopt(child):
-            before = procs.read_pidfile(self.paths.pidfile(child.spec.name))
+            before = self.os.pid_record(child.spec.name)
             pid = await _settle(self.manager.start(child.spec))
-            started = procs.start_time(pid) if pid is not None else None
+            started = self.os.start_time(pid) if pid is not None else None
             if pid is None:  # started by someone else (systemd): its pid file will tell
                 rec = await self._new_incarnation(child, before, self.start_timeout_ms / 1000)
                 pid, started = (rec.pid, rec.start_time) if rec else (None, None)
@@ -218,21 +277,19 @@ class Supervisor:
                                  timeout_ms=self.start_timeout_ms)
             else:
                 self.log.info("child_started", child=child.spec.name, child_pid=pid)
-        child.beats_at_start = child.watch.accepted
-        child.started_ms = monotonic_ms()
-        child.watch.reset(child.started_ms)
+        self._watch_from_now(child)
 
-    async def _new_incarnation(self, child: Child, before: procs.PidRecord | None,
-                               timeout_s: float | None) -> procs.PidRecord | None:
+    async def _new_incarnation(self, child: Child, before: PidRecord | None,
+                               timeout_s: float | None) -> PidRecord | None:
         """The process the child's pid file names once it is newer than `before` (or is
         `before`, alive); None if none appears within `timeout_s` (None: no limit). A
         newer one that already died is returned too: its exit is then seen at once."""
         last = 0 if before is None else before.incarnation
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while deadline is None or time.monotonic() < deadline:
-            rec = procs.read_pidfile(self.paths.pidfile(child.spec.name))
+        deadline = None if timeout_s is None else self.now() + timeout_s
+        while deadline is None or self.now() < deadline:
+            rec = self.os.pid_record(child.spec.name)
             if rec is not None and (rec.incarnation > last or (
-                    rec.incarnation == last and rec.alive())):
+                    rec.incarnation == last and self.os.alive(rec))):
                 return rec
             await asyncio.sleep(PIDFILE_POLL_S)
         return None
@@ -241,35 +298,37 @@ class Supervisor:
         """The child was stopped on purpose: no restart; watch it again once it is back."""
         child.state = "stopped"
         self.log.info("child_stopped", child=child.spec.name, child_pid=child.pid)
-        gone = procs.read_pidfile(self.paths.pidfile(child.spec.name))
+        gone = self.os.pid_record(child.spec.name)
         rec = await self._new_incarnation(child, gone, None)
         assert rec is not None  # no deadline: only a new process ends the wait
-        child.pid, child.started, child.state = rec.pid, rec.start_time, "running"
+        self._running(child, rec)
         self.log.info("child_adopted", child=child.spec.name, child_pid=rec.pid)
-        child.beats_at_start = child.watch.accepted
-        child.started_ms = monotonic_ms()
-        child.watch.reset(child.started_ms)
+
+    def _ended_cleanly(self, child: Child) -> bool:
+        """The child's last process exited on its own, cleanly (its pid file says so)."""
+        rec = self.os.pid_record(child.spec.name)
+        return rec is not None and rec.pid == child.pid and rec.stopped
 
     def _found_dead(self, child: Child) -> float | None:
         """At our own start: a child whose last process died without a clean stop (it
         died with us, or while we were down) is declared dead like any other, so its
         restart is counted and logged; returns when it was declared."""
-        rec = procs.read_pidfile(self.paths.pidfile(child.spec.name))
-        if rec is None or rec.stopped or rec.alive() or self.stopping():
+        rec = self.os.pid_record(child.spec.name)
+        if rec is None or rec.stopped or self.os.alive(rec) or self.os.stopping():
             return None
         self.log.warning("peer_declared_dead", child=child.spec.name, child_pid=rec.pid,
                          cause="found_dead", detection_ms=None, last_seq=None)
         self.log.info("restarting", child=child.spec.name, cause="found_dead", delay_ms=0)
-        return time.monotonic()
+        return self.now()
 
     async def _first_beat(self, child: Child) -> bool:
         """Wait (bounded) for the first valid beat of the child's current process; False
         if none came, or if that process was replaced meanwhile (its successor's waits
         are their own)."""
         pid, since = child.pid, child.beats_at_start
-        deadline = time.monotonic() + self.start_timeout_ms / 1000
+        deadline = self.now() + self.start_timeout_ms / 1000
         while child.pid == pid and child.watch.accepted == since:
-            if time.monotonic() > deadline:
+            if self.now() > deadline:
                 return False
             await asyncio.sleep(0.005)
         return child.pid == pid
@@ -296,14 +355,20 @@ class Supervisor:
             ):
                 await self._until_back(child)
                 continue
-            declared = time.monotonic()
+            if (cause == "exit" and child.spec.restart is Restart.TRANSIENT
+                    and self._ended_cleanly(child)):
+                self.manager.drop_standby(child.spec)
+                child.state = "stopped"
+                self.log.info("child_stopped", child=child.spec.name, child_pid=child.pid)
+                return  # a transient child that finished is not restarted
+            declared = self.now()
             last = child.watch.last_beat
             self.log.warning("peer_declared_dead", child=child.spec.name, child_pid=child.pid,
                              cause=cause, detection_ms=self._silence_ms(child),
                              last_seq=last.seq if last else None)
             if cause == "timeout":
                 await self._kill(child)
-            if self.stopping():
+            if self.os.stopping():
                 child.state = "stopped"
                 return
             child.recent = prune(child.recent, declared, self.policy.window_s)
@@ -321,7 +386,7 @@ class Supervisor:
             self.log.info("restarting", child=child.spec.name, cause=cause,
                           delay_ms=round(decision.delay_s * 1000))
             await asyncio.sleep(decision.delay_s)
-            if self.stopping():
+            if self.os.stopping():
                 child.state = "stopped"
                 return
             await self._start(child)
@@ -330,7 +395,7 @@ class Supervisor:
 
     def _silence_ms(self, child: Child) -> int:
         """How long we had heard nothing valid from the child when we declared it dead."""
-        now = monotonic_ms()
+        now = self.now_ms()
         if child.watch.accepted == child.beats_at_start:  # not one beat since its start
             return now - child.started_ms
         return child.watch.timeout_ms - child.watch.remaining_ms(now)
@@ -340,10 +405,10 @@ class Supervisor:
         'start_timeout' when a start never produced a process."""
         if child.pid is None:
             return "start_timeout"
-        exited = asyncio.ensure_future(procs.wait_exit(child.pid, child.started))
+        exited = asyncio.ensure_future(self.os.wait_exit(child.pid, child.started))
         try:
             while True:
-                now = monotonic_ms()
+                now = self.now_ms()
                 if child.watch.accepted == child.beats_at_start:
                     # Not a beat yet from this process: it gets longer (imports, replay),
                     # and we look again soon so the short timeout applies once it beats.
@@ -356,26 +421,26 @@ class Supervisor:
                 done, _ = await asyncio.wait({exited}, timeout=wait_ms / 1000)
                 if done:
                     return "exit"
-                late = monotonic_ms() - now - wait_ms
+                late = self.now_ms() - now - wait_ms
                 if late > self.timeout_ms:
                     # We were frozen ourselves (SIGSTOP, a stalled host): the silence
                     # is ours, not the child's. Give it a fresh timeout.
                     self.log.warning("supervisor_stalled", child=child.spec.name,
                                      stalled_ms=late)
-                    child.watch.reset(monotonic_ms())
+                    child.watch.reset(self.now_ms())
         finally:
             exited.cancel()
 
     async def _kill(self, child: Child) -> None:
         """SIGKILL a hung child, only if its pid still names the process we watched."""
         assert child.pid is not None
-        rec = procs.PidRecord(child.pid, child.started or 0)
-        if procs.signal_process(rec, signal.SIGKILL):
+        rec = PidRecord(child.pid, child.started or 0)
+        if self.os.signal(rec, signal.SIGKILL):
             self.log.info("child_killed", child=child.spec.name, child_pid=child.pid,
                           signal="SIGKILL")
             try:
                 async with asyncio.timeout(5):
-                    await procs.wait_exit(child.pid, child.started)
+                    await self.os.wait_exit(child.pid, child.started)
             except TimeoutError:
                 self.log.error("child_unkillable", child=child.spec.name, child_pid=child.pid)
 
@@ -385,31 +450,32 @@ class Supervisor:
             return  # it died again meanwhile; _keep reports that
         self.log.info("restarted", child=child.spec.name, child_pid=child.pid,
                       restarts=child.restarts,
-                      recovery_ms=round((time.monotonic() - declared) * 1000, 1))
+                      recovery_ms=round((self.now() - declared) * 1000, 1))
 
     def forget(self, name: str) -> Child | None:
         """Stop watching a child (it will not be restarted); the process is untouched."""
         child = self.children.pop(name, None)
-        self.listener.watches.pop(name, None)
+        self.watches.pop(name, None)
         if child is not None and child.task is not None:
             child.task.cancel()
         return child
 
-    async def stop(self, name: str, timeout: float = 10.0) -> None:
-        """Forget a child, then end it: SIGTERM, and SIGKILL if it does not go in time."""
+    async def stop(self, name: str) -> None:
+        """Forget a child, then end it: SIGTERM, and SIGKILL if it has not gone within its
+        child spec's shutdown time."""
         child = self.forget(name)
         if child is not None:
             self.manager.drop_standby(child.spec)  # for good: nothing is to take over
         if child is None or child.pid is None:
             return
         child.state = "stopped"
-        rec = procs.PidRecord(child.pid, child.started or 0)
-        procs.signal_process(rec, signal.SIGTERM)
+        rec = PidRecord(child.pid, child.started or 0)
+        self.os.signal(rec, signal.SIGTERM)
         try:
-            async with asyncio.timeout(timeout):
-                await procs.wait_exit(child.pid, child.started)
+            async with asyncio.timeout(child.spec.shutdown_s):
+                await self.os.wait_exit(child.pid, child.started)
         except TimeoutError:
-            procs.signal_process(rec, signal.SIGKILL)
+            self.os.signal(rec, signal.SIGKILL)
 
     def status(self) -> list[dict[str, Any]]:
         return [c.status() for c in self.children.values()]

@@ -34,7 +34,7 @@ import yaml
 import theychat.daemons
 from theychat.daemons import config, procs
 from theychat.daemons.errors import ConfigError, TheyChatError
-from theychat.daemons.supervisor import ChildSpec
+from theychat.daemons.tree import ChildSpec
 
 UNIT_PREFIX = "theychat-"
 TARGET = "theychat.target"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from theychat.daemons.tree import DaemonId, every_daemon
+
 KINDS = ("kill", "stop", "kill_pair", "client_reset")
 
 
@@ -21,25 +23,20 @@ class Fault:
 
 
 def daemons_of(topics: list[str]) -> list[str]:
-    names = ["router", "router-monitor"]
-    for t in topics:
-        names += [f"server@{t}", f"server-monitor@{t}"]
-    return names
+    """Every daemon a fault may hit: the whole tree."""
+    return [d.name for d in every_daemon(topics)]
 
 
 def supervisor_of(name: str) -> str:
     """Who restarts `name` (the manager restarts the router only when both roots died)."""
-    if name.startswith("server@"):
-        return "server-monitor@" + name.split("@", 1)[1]
-    if name.startswith("server-monitor@") or name == "router-monitor":
-        return "router"
-    if name == "router":
-        return "router-monitor"
-    raise ValueError(f"unknown daemon {name!r}")
+    supervisor = DaemonId.parse(name).supervisor
+    if supervisor is None:
+        raise ValueError(f"{name!r} has no supervisor in the tree")
+    return supervisor.name
 
 
 def role_of(name: str) -> str:
-    return name.split("@", 1)[0]
+    return str(DaemonId.parse(name).role)
 
 
 def plan(seed: int, duration: float, every: float, topics: list[str], clients: list[str],

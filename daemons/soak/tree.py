@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from theychat.daemons import cli, config, procs
+from theychat.daemons import config, procs, status
 from theychat.daemons.paths import StatePaths
 
 HOST = "127.0.0.1"
@@ -88,7 +88,7 @@ class Tree:
     def status(self) -> list[dict[str, Any]]:
         """The rows of `theychat status --json`, computed in-process (milliseconds instead
         of a Python start-up per poll)."""
-        return cli.gather(self.cfg, self.paths)
+        return status.gather(self.cfg, self.paths)
 
     def pid_record(self, name: str) -> procs.PidRecord | None:
         return procs.read_pidfile(self.paths.pidfile(name))
