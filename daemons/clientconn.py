@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from theychat.daemons import control, render
+from theychat.daemons import control, ops, render
 from theychat.daemons.config import Clients
 from theychat.daemons.errors import ControlError, ProtocolError
-from theychat.daemons.protocol import Command, LineBuffer, Say, parse, valid_name
+from theychat.daemons.protocol import Command, LineBuffer, Say, parse
 from theychat.daemons.ratelimit import TokenBucket
 from theychat.daemons.render import Event
 
@@ -30,28 +30,6 @@ from theychat.daemons.render import Event
 MAX_ERRORS_IN_A_ROW = 20
 # Unread input that may travel with a handoff; more than this in flight is a flood.
 MAX_PENDING_BYTES = 64 * 1024
-
-
-@dataclass
-class Session:
-    sid: str
-    nick: str
-    json: bool = False
-    oper: bool = False  # a server operator (/oper)
-
-    def record(self) -> dict[str, Any]:
-        return {"sid": self.sid, "nick": self.nick, "json": self.json, "oper": self.oper}
-
-    @classmethod
-    def from_record(cls, rec: Any) -> Session:
-        if not isinstance(rec, dict):
-            raise ControlError("session: expected an object", "bad_request")
-        sid, nick, json_mode = rec.get("sid"), rec.get("nick"), rec.get("json", False)
-        if not isinstance(sid, str) or not (1 <= len(sid) <= 64):
-            raise ControlError("session.sid: expected a string", "bad_request")
-        if not isinstance(nick, str) or not valid_name(nick):
-            raise ControlError("session.nick: expected a valid nick", "bad_request")
-        return cls(sid, nick, bool(json_mode), rec.get("oper") is True)
 
 
 class Owner(Protocol):
@@ -69,16 +47,21 @@ def set_keepalive(sock: socket.socket, limits: Clients) -> None:
 
 
 class ClientConn(asyncio.Protocol):
+    """A connection knows only whose it is (`sid`) and how to speak to it (`json`); the
+    person's nick and rights are in the directory, and the owner looks them up."""
+
     def __init__(
         self,
         owner: Owner,
-        session: Session,
+        sid: str,
         limits: Clients,
         log: Any,
         on_made: Callable[[ClientConn], None] | None = None,
+        json: bool = False,
     ) -> None:
         self.owner = owner
-        self.session = session
+        self.sid = sid
+        self.json = json
         self.limits = limits
         self.log = log
         self._on_made = on_made
@@ -95,7 +78,8 @@ class ClientConn(asyncio.Protocol):
         # together at its end: one send() per client per turn, however many events.
         self._out: list[bytes] = []
         self._out_bytes = 0
-        self.peer = ""
+        self.peer = ""  # host:port of the other end
+        self.addr = ""  # its host (what clients.max_per_address counts)
         self.peer_hint = ""  # who is really behind a bridged (TLS) connection
 
     def fileno(self) -> int:
@@ -103,14 +87,22 @@ class ClientConn(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket")
         return int(sock.fileno())
 
+    def record(self) -> ops.Conn:
+        """What travels with this socket to its next holder (and to our monitor)."""
+        return ops.Conn(sid=self.sid, json=self.json)
+
     # -- asyncio callbacks -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = self.peer_hint or (
-            f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
+        if self.peer_hint:
+            self.peer, self.addr = self.peer_hint, self.peer_hint.rpartition(":")[0]
+        elif isinstance(peer, tuple):
+            self.peer, self.addr = f"{peer[0]}:{peer[1]}", str(peer[0])
+        else:
+            self.peer = self.addr = str(peer)
         if self.busy:
             transport.pause_reading()
         if self._on_made:
@@ -182,10 +174,10 @@ class ClientConn(asyncio.Protocol):
             await pending
         except ControlError as e:
             # The daemon that could not be asked is ours to name in the log, not to users.
-            self.log.warning("command_unavailable", session=self.session.sid, error=str(e))
+            self.log.warning("command_unavailable", session=self.sid, error=str(e))
             self.send(render.error("unavailable", "that is not available right now; try again"))
         except Exception as e:  # a bug in one command must not cost the daemon
-            self.log.exception("command_failed", session=self.session.sid, error=repr(e))
+            self.log.exception("command_failed", session=self.sid, error=repr(e))
             self.send(render.error("internal", "internal error; the operator can see why"))
         self._resume()
 
@@ -205,7 +197,7 @@ class ClientConn(asyncio.Protocol):
     # -- writing ---------------------------------------------------------------------
 
     def send(self, event: Event) -> None:
-        self.write(render.encode(event, self.session.json))
+        self.write(render.encode(event, self.json))
 
     def write(self, data: bytes) -> None:
         """Queue bytes; a client that does not read is cut off, never buffered forever.
@@ -232,6 +224,32 @@ class ClientConn(asyncio.Protocol):
         t.write(out[0] if len(out) == 1 else b"".join(out))
         if t.get_write_buffer_size() > self.limits.output_queue_bytes:
             self.close("too slow: output queue full", abort=True)
+
+    @staticmethod
+    def write_each(conns: Iterable[ClientConn], data: bytes) -> None:
+        """`conn.write(data)` for every conn, in one loop: the fan-out of one message to a
+        whole topic costs a list append per member. Keep in step with `write`."""
+        if not data:
+            return
+        n = len(data)
+        call_soon = asyncio.get_running_loop().call_soon
+        for conn in conns:
+            if conn.transport is None or conn.detached or conn.close_reason:
+                continue
+            out = conn._out
+            if not out:
+                call_soon(conn.flush)
+            out.append(data)
+            conn._out_bytes += n
+            if conn._out_bytes > conn.limits.output_queue_bytes:
+                conn.flush()
+
+    def release(self) -> None:
+        """Let go of our copy of a socket that another process holds now: only our
+        descriptor closes (the connection lives on there), and nobody is told."""
+        self.detached = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def close(self, reason: str, abort: bool = False) -> None:
         if self.close_reason or self.detached or self.transport is None:
@@ -260,8 +278,8 @@ class ClientConn(asyncio.Protocol):
                 raise ControlError("client is not reading", "slow_client")
             await asyncio.sleep(0.002)
 
-    async def hand_over(self, target: Path, op: dict[str, Any], witness: Path) -> dict[str, Any]:
-        """Pass this socket, the session and unread bytes to the daemon at `target`.
+    async def hand_over(self, target: Path, adopt: ops.Adopt, witness: Path) -> dict[str, Any]:
+        """Pass this socket, its record and unread bytes to the daemon at `target`.
 
         Reading is paused (we run inside a command), so the bytes the kernel holds stay
         there for the new owner. On success this connection is gone from our side; on
@@ -277,9 +295,10 @@ class ClientConn(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket")
         fd = os.dup(sock.fileno())
         try:
-            msg = {**op, "session": self.session.record(), "pending": pending.hex()}
+            op = dataclasses.replace(adopt, session=self.record(), pending=pending.hex())
             try:
-                reply = control.check(await control.request(target, msg, fds=[fd], timeout=5.0))
+                reply = control.check(await control.request(target, op.message(), fds=[fd],
+                                                            timeout=5.0))
             except ControlError as e:
                 if e.code != "unavailable" or not await self._taken(witness):
                     raise
@@ -287,41 +306,22 @@ class ClientConn(asyncio.Protocol):
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.detached = True
-        self.transport.abort()
+        self.release()
         return reply
 
     async def _taken(self, witness: Path) -> bool:
         try:
-            reply = await control.request(witness, {"op": "fd_held", "id": self.session.sid})
+            reply = await control.request(witness, ops.FdHeld(id=self.sid).message())
         except ControlError:
             return False  # no monitor, no copy: the target cannot have kept it
         return reply.get("held") is True
 
 
-def write_each(conns: Iterable[ClientConn], data: bytes) -> None:
-    """`conn.write(data)` for every conn, in one loop: the fan-out of one message to a
-    whole topic costs a list append per member. Keep in step with `ClientConn.write`."""
-    if not data:
-        return
-    n = len(data)
-    call_soon = asyncio.get_running_loop().call_soon
-    for conn in conns:
-        if conn.transport is None or conn.detached or conn.close_reason:
-            continue
-        out = conn._out
-        if not out:
-            call_soon(conn.flush)
-        out.append(data)
-        conn._out_bytes += n
-        if conn._out_bytes > conn.limits.output_queue_bytes:
-            conn.flush()
 
-
-async def attach(owner: Owner, session: Session, fd: int, limits: Clients, log: Any) -> ClientConn:
+async def attach(owner: Owner, rec: ops.Conn, fd: int, limits: Clients, log: Any) -> ClientConn:
     """Wrap a client socket passed to us (handoff or fd store) in a paused ClientConn."""
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    conn = ClientConn(owner, session, limits, log)
+    conn = ClientConn(owner, rec.sid, limits, log, json=rec.json)
     await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
     return conn

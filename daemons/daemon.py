@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from theychat.daemons import config, control, logs, procs, systemd
+from theychat.daemons import config, control, logs, ops, procs, systemd
 from theychat.daemons.config import Config
 from theychat.daemons.errors import TheyChatError
 from theychat.daemons.heartbeat import (
@@ -143,7 +143,7 @@ class Daemon:
     async def _own_status(self) -> dict[str, Any] | None:
         try:
             return control.check(await control.request(self.paths.control(self.name),
-                                                       {"op": "status"}, timeout=1.0))
+                                                       ops.Status().message(), timeout=1.0))
         except TheyChatError:
             return None
 

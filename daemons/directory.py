@@ -1,161 +1,329 @@
-"""The router's directory, pure: topics, the system-wide nick registry, and where each
-session currently is (the lobby, or a topic's server).
+"""The router's directory: topics, the nick registry and sessions, kept in a directory
+store (`store.py`) and nowhere else.
+
+A person's facts (nick, where they are, server-operator rights, the address they came
+from) live in their session's entry; every other place holds only the session id. Keys:
+
+    session/SID       {"nick", "topic", "detached_at", "oper", "addr"}   expires once
+                      detached for `sessions.expiry_s` (a time to live on the entry)
+    nick/FOLDED       {"sid"}      created if absent: one session per nick
+    topic/NAME        {"creator"}  a topic made with /create
+    dropped/NAME      {}           a configured topic that was dropped
+
+Every change is a store write whose outcome is awaited before anyone is told (a nick
+race has one winner); updates are compare-and-set against the entry read, retried if
+it moved on meanwhile.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from theychat.daemons.protocol import fold
+from theychat.daemons.store import Change, DirectoryStore, Entry, KvState
+
+SESSION = "session/"
+NICK = "nick/"
+TOPIC = "topic/"
+DROPPED = "dropped/"
+CAS_TRIES = 10  # an update whose entry keeps moving gives up after this many tries
 
 
 class NickTaken(Exception):
     pass
 
 
-@dataclass
-class SessionInfo:
+class StoreConflict(Exception):
+    """An entry kept changing under a compare-and-set (another writer is busy on it)."""
+
+
+def session_key(sid: str) -> str:
+    return SESSION + sid
+
+
+def nick_key(nick: str) -> str:
+    return NICK + fold(nick)
+
+
+@dataclass(frozen=True)
+class Session:
+    """A session as the directory keeps it: the one home of a person's facts."""
+
     sid: str
     nick: str
     topic: str | None = None  # None: in the lobby
     detached_at: float | None = None  # wall time its connection went; None: connected
     oper: bool = False  # a server operator (/oper)
+    addr: str = ""  # the address its connection comes from
 
-    def record(self) -> dict[str, Any]:
-        """The write-ahead log record that recreates this session."""
-        return {"type": "session", "sid": self.sid, "nick": self.nick, "topic": self.topic,
-                "detached_at": self.detached_at, "oper": self.oper}
+    def value(self) -> dict[str, Any]:
+        return {"nick": self.nick, "topic": self.topic, "detached_at": self.detached_at,
+                "oper": self.oper, "addr": self.addr}
+
+    @classmethod
+    def of(cls, entry: Entry) -> Session | None:
+        v = entry.value
+        nick, topic, at = v.get("nick"), v.get("topic"), v.get("detached_at")
+        if not isinstance(nick, str):
+            return None
+        return cls(entry.key[len(SESSION):], nick, topic if isinstance(topic, str) else None,
+                   float(at) if isinstance(at, int | float) else None, v.get("oper") is True,
+                   str(v.get("addr") or ""))
 
 
 class Directory:
-    def __init__(self, topics: list[str], rng: random.Random | None = None) -> None:
-        self.topics = list(topics)
-        self.creators: dict[str, str] = {}  # topics made with /create -> creator's nick
-        self.dropped: set[str] = set()  # configured topics an operator dropped
-        self.sessions: dict[str, SessionInfo] = {}
-        self._by_nick: dict[str, str] = {}  # folded nick -> sid
+    def __init__(self, store: DirectoryStore, configured: list[str], expiry_s: float,
+                 rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.configured = list(configured)
+        self.expiry_s = expiry_s
         self._rng = rng or random.Random()
+        self.clock = clock
+
+    # -- topics ------------------------------------------------------------------------
+
+    @property
+    def topics(self) -> list[str]:
+        """The configured topics not dropped, then the created ones, oldest first."""
+        dropped = {e.key[len(DROPPED):] for e in self.store.range(DROPPED)}
+        created = sorted(self.store.range(TOPIC), key=lambda e: e.revision)
+        names = [t for t in self.configured if t not in dropped]
+        return names + [e.key[len(TOPIC):] for e in created
+                        if e.key[len(TOPIC):] not in names]
 
     def topic_named(self, name: str) -> str | None:
         """The canonical spelling of a topic, matched case-insensitively."""
         key = fold(name)
         return next((t for t in self.topics if fold(t) == key), None)
 
-    def add_topic(self, name: str, creator: str) -> None:
-        if self.topic_named(name) is None:
-            self.topics.append(name)
-        self.creators[name] = creator
-        self.dropped.discard(name)
+    def creator(self, topic: str) -> str | None:
+        entry = self.store.get(TOPIC + topic)
+        creator = entry.value.get("creator") if entry else None
+        return creator if isinstance(creator, str) and creator else None
 
-    def drop_topic(self, name: str) -> None:
-        if name in self.topics:
-            self.topics.remove(name)
-        if self.creators.pop(name, None) is None:
-            self.dropped.add(name)
+    async def add_topic(self, name: str, creator: str) -> None:
+        await self.store.put(TOPIC + name, {"creator": creator})
+        await self.store.delete(DROPPED + name)
+
+    async def drop_topic(self, name: str) -> None:
+        """Forget a topic; its sessions are in the lobby from now on."""
+        if self.store.get(TOPIC + name) is not None:
+            await self.store.delete(TOPIC + name)
+        if name in self.configured:
+            await self.store.put(DROPPED + name, {})
         for s in self.in_topic(name):
-            s.topic = None
+            await self._update(s.sid, topic=None)
 
-    def open_session(self, sid: str) -> SessionInfo:
-        while True:
-            nick = f"guest{self._rng.randrange(1000, 100000)}"
-            if fold(nick) not in self._by_nick:
-                break
-        return self.register(sid, nick, None)
+    # -- reading sessions ----------------------------------------------------------------
 
-    def register(self, sid: str, nick: str, topic: str | None) -> SessionInfo:
-        """Record a session as it is (used when servers report their members)."""
-        owner = self._by_nick.get(fold(nick))
-        if owner is not None and owner != sid:
-            raise NickTaken(nick)
-        old = self.sessions.get(sid)
-        if old is not None:
-            self._by_nick.pop(fold(old.nick), None)
-        info = SessionInfo(sid, nick, topic, oper=old.oper if old else False)
-        self.sessions[sid] = info
-        self._by_nick[fold(nick)] = sid
-        return info
+    def session(self, sid: str) -> Session | None:
+        entry = self.store.get(session_key(sid))
+        return Session.of(entry) if entry else None
 
-    def rename(self, sid: str, nick: str) -> str:
-        info = self.sessions[sid]
-        owner = self._by_nick.get(fold(nick))
-        if owner is not None and owner != sid:
-            raise NickTaken(nick)
-        old = info.nick
-        self._by_nick.pop(fold(old), None)
-        info.nick = nick
-        self._by_nick[fold(nick)] = sid
-        return old
+    def sessions(self) -> list[Session]:
+        return [s for e in self.store.range(SESSION) if (s := Session.of(e)) is not None]
 
-    def move(self, sid: str, topic: str | None) -> None:
-        self.sessions[sid].topic = topic
+    def find_nick(self, nick: str) -> Session | None:
+        claim = self.store.get(nick_key(nick))
+        sid = claim.value.get("sid") if claim else None
+        found = self.session(sid) if isinstance(sid, str) else None
+        return found if found and fold(found.nick) == fold(nick) else None
 
-    def close_session(self, sid: str) -> SessionInfo | None:
-        info = self.sessions.pop(sid, None)
-        if info is not None and self._by_nick.get(fold(info.nick)) == sid:
-            del self._by_nick[fold(info.nick)]
-        return info
+    def in_topic(self, topic: str | None) -> list[Session]:
+        return [s for s in self.sessions() if s.topic == topic]
 
-    def find_nick(self, nick: str) -> SessionInfo | None:
-        sid = self._by_nick.get(fold(nick))
-        return self.sessions.get(sid) if sid else None
-
-    def detach(self, sid: str, now: float) -> SessionInfo | None:
-        """The connection is gone; the session (and its nick) waits to be resumed."""
-        info = self.sessions.get(sid)
-        if info is not None and info.detached_at is None:
-            info.detached_at = now
-        return info
-
-    def expired(self, now: float, expiry_s: float) -> list[SessionInfo]:
-        return [s for s in self.sessions.values()
-                if s.detached_at is not None and now - s.detached_at >= expiry_s]
-
-    def apply(self, rec: dict[str, Any]) -> None:
-        """Replay one log record; malformed ones are skipped."""
-        if rec.get("type") == "session":
-            sid, nick, topic = rec.get("sid"), rec.get("nick"), rec.get("topic")
-            if not isinstance(sid, str) or not isinstance(nick, str):
-                return
-            try:
-                info = self.register(sid, nick, topic if isinstance(topic, str) else None)
-            except NickTaken:
-                return
-            at = rec.get("detached_at")
-            info.detached_at = float(at) if isinstance(at, int | float) else None
-            info.oper = rec.get("oper") is True
-        elif rec.get("type") == "end":
-            self.close_session(str(rec.get("sid")))
-        elif rec.get("type") == "topic" and isinstance(rec.get("name"), str):
-            self.add_topic(rec["name"], str(rec.get("creator", "")))
-        elif rec.get("type") == "topic_dropped":
-            self.drop_topic(str(rec.get("name")))
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"sessions": [s.record() for s in self.sessions.values()],
-                "created": [{"name": t, "creator": c} for t, c in self.creators.items()],
-                "dropped": sorted(self.dropped)}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        for rec in state.get("created", []):
-            if isinstance(rec, dict):
-                self.apply({"type": "topic", **rec})
-        # A configured topic that was dropped stays dropped; one added to the config
-        # later is simply there.
-        for name in state.get("dropped", []):
-            if isinstance(name, str):
-                self.drop_topic(name)
-        for rec in state.get("sessions", []):
-            if isinstance(rec, dict):
-                self.apply(rec)
-
-    def in_topic(self, topic: str | None) -> list[SessionInfo]:
-        return [s for s in self.sessions.values() if s.topic == topic]
+    def connected_from(self, addr: str) -> int:
+        """Sessions connected now from this address (for clients.max_per_address)."""
+        return sum(1 for s in self.sessions() if s.addr == addr and s.detached_at is None)
 
     def counts(self) -> list[dict[str, object]]:
         tally = {t: 0 for t in self.topics}
-        for s in self.sessions.values():
+        for s in self.sessions():
             if s.topic in tally and s.detached_at is None:  # here now, not away
                 tally[s.topic] += 1
         return [{"name": t, "members": n} for t, n in tally.items()]
+
+    # -- changing sessions ---------------------------------------------------------------
+
+    async def _claim(self, sid: str, nick: str) -> None:
+        """Take `nick` for `sid` (or find it already ours); NickTaken if it is someone's."""
+        key = nick_key(nick)
+        if await self.store.create(key, {"sid": sid}) is not None:
+            return
+        holder = self.store.get(key)
+        if holder is None or holder.value.get("sid") == sid:
+            if holder is None:
+                await self._claim(sid, nick)  # released meanwhile: try again
+            return
+        owner = holder.value.get("sid")
+        orphaned = not isinstance(owner, str) or self.session(owner) is None
+        # A claim whose session is gone (it ended while the router died) is free.
+        if orphaned and await self.store.compare_and_set(key, {"sid": sid}, holder.revision):
+            return
+        raise NickTaken(nick)
+
+    async def _release(self, sid: str, nick: str) -> None:
+        claim = self.store.get(nick_key(nick))
+        if claim is not None and claim.value.get("sid") == sid:
+            await self.store.delete(claim.key, claim.revision)
+
+    async def _update(self, sid: str, **changes: Any) -> Session | None:
+        """Change a session's entry (compare-and-set, retried); None if it has none."""
+        for _ in range(CAS_TRIES):
+            entry = self.store.get(session_key(sid))
+            current = Session.of(entry) if entry else None
+            if entry is None or current is None:
+                return None
+            new = replace(current, **changes)
+            ttl = self._ttl(new)
+            if await self.store.compare_and_set(entry.key, new.value(), entry.revision, ttl):
+                return new
+        raise StoreConflict(session_key(sid))
+
+    def _ttl(self, s: Session) -> float | None:
+        """A detached session expires `sessions.expiry_s` after its connection went."""
+        if s.detached_at is None:
+            return None
+        return max(0.0, s.detached_at + self.expiry_s - self.clock())
+
+    async def open_session(self, sid: str, addr: str = "") -> Session:
+        """A new connection: a session with a guest nick of its own."""
+        while True:
+            nick = f"guest{self._rng.randrange(1000, 100000)}"
+            try:
+                await self._claim(sid, nick)
+                break
+            except NickTaken:
+                continue
+        session = Session(sid, nick, addr=addr)
+        await self.store.put(session_key(sid), session.value())
+        return session
+
+    async def register(self, sid: str, nick: str, topic: str | None, addr: str = "") -> Session:
+        """Record a session as a server reports it (after a restart lost track of it);
+        NickTaken if its nick is someone else's now."""
+        old = self.session(sid)
+        if old is None or fold(old.nick) != fold(nick):
+            await self._claim(sid, nick)
+            if old is not None:
+                await self._release(sid, old.nick)
+        if old is None:
+            new = Session(sid, nick, topic, addr=addr)
+            await self.store.put(session_key(sid), new.value())
+            return new
+        updated = await self._update(sid, nick=nick, topic=topic, detached_at=None)
+        assert updated is not None
+        return updated
+
+    async def rename(self, sid: str, nick: str) -> str:
+        """Give the session a new nick; returns the old one. NickTaken if it is taken."""
+        current = self.session(sid)
+        if current is None:
+            raise KeyError(sid)
+        await self._claim(sid, nick)
+        if fold(current.nick) != fold(nick):
+            await self._release(sid, current.nick)
+        await self._update(sid, nick=nick)
+        return current.nick
+
+    async def move(self, sid: str, topic: str | None) -> Session | None:
+        return await self._update(sid, topic=topic)
+
+    async def detach(self, sid: str) -> Session | None:
+        """The connection is gone; the session (and its nick) waits to be resumed."""
+        s = self.session(sid)
+        if s is None or s.detached_at is not None:
+            return s
+        return await self._update(sid, detached_at=self.clock())
+
+    async def attach(self, sid: str, addr: str, topic: str | None = None) -> Session | None:
+        """A connection holds the session again (a resume)."""
+        return await self._update(sid, detached_at=None, addr=addr, topic=topic)
+
+    async def grant_oper(self, sid: str) -> Session | None:
+        return await self._update(sid, oper=True)
+
+    async def end(self, sid: str) -> Session | None:
+        """The session is over (/quit, or it expired): its nick is free again."""
+        s = self.session(sid)
+        if s is None:
+            return None
+        await self.store.delete(session_key(sid))
+        await self._release(sid, s.nick)
+        return s
+
+    def on_expired(self, callback: Callable[[Session], None]) -> None:
+        """Call `callback` for each session that expires (its nick is then released)."""
+        def changed(c: Change) -> None:
+            if c.expired and c.prev is not None:
+                gone = Session.of(c.prev)
+                if gone is not None:
+                    callback(gone)
+
+        self.store.watch(SESSION, changed)
+
+    async def release_expired(self, s: Session) -> None:
+        await self._release(s.sid, s.nick)
+
+    async def repair(self) -> None:
+        """At start: a detached session without its time to live (a log of an earlier
+        version) gets it; a nick claim whose session is gone is released."""
+        for s in self.sessions():
+            entry = self.store.get(session_key(s.sid))
+            if s.detached_at is not None and entry is not None and entry.expires_at is None:
+                await self.store.compare_and_set(entry.key, s.value(), entry.revision,
+                                                 self._ttl(s))
+        for claim in self.store.range(NICK):
+            sid = claim.value.get("sid")
+            owner = self.session(sid) if isinstance(sid, str) else None
+            if owner is None or nick_key(owner.nick) != claim.key:
+                await self.store.delete(claim.key, claim.revision)
+
+
+# --- records of logs written before the directory store (records.py replays them) ------
+
+
+def legacy_session(kv: KvState, sid: str, nick: str, rec: dict[str, Any]) -> None:
+    old = kv.entries.get(session_key(sid))
+    if old is not None:
+        was = Session.of(old)
+        if was is not None and fold(was.nick) != fold(nick):
+            claim = kv.entries.get(nick_key(was.nick))
+            if claim is not None and claim.value.get("sid") == sid:
+                kv.delete(claim.key)
+    claim = kv.entries.get(nick_key(nick))
+    if claim is not None and claim.value.get("sid") != sid:
+        return  # taken by another session: the earlier log skipped such a record too
+    topic, at = rec.get("topic"), rec.get("detached_at")
+    s = Session(sid, nick, topic if isinstance(topic, str) else None,
+                float(at) if isinstance(at, int | float) else None, rec.get("oper") is True)
+    kv.put(nick_key(nick), {"sid": sid}, None)
+    kv.put(session_key(sid), s.value(), None)
+
+
+def legacy_end(kv: KvState, sid: str) -> None:
+    gone = kv.delete(session_key(sid))
+    s = Session.of(gone) if gone else None
+    if s is not None:
+        claim = kv.entries.get(nick_key(s.nick))
+        if claim is not None and claim.value.get("sid") == sid:
+            kv.delete(claim.key)
+
+
+def legacy_topic(kv: KvState, name: str, creator: str) -> None:
+    kv.put(TOPIC + name, {"creator": creator}, None)
+    kv.delete(DROPPED + name)
+
+
+def legacy_dropped(kv: KvState, name: str) -> None:
+    if kv.delete(TOPIC + name) is None:
+        kv.put(DROPPED + name, {}, None)
+    for entry in list(kv.entries.values()):
+        s = Session.of(entry) if entry.key.startswith(SESSION) else None
+        if s is not None and s.topic == name:
+            kv.put(entry.key, replace(s, topic=None).value(), entry.expires_at)

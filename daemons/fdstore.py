@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from theychat.daemons import control
+from theychat.daemons import control, ops
 from theychat.daemons.control import Message, fail, ok
 from theychat.daemons.errors import ControlError
 
@@ -32,39 +31,44 @@ class FdVault:
     def __len__(self) -> int:
         return sum(1 for fd, _ in self.entries.values() if fd is not None)
 
-    def handle(self, msg: Message, fds: list[int]) -> Message | None:
-        """Answer an fd_* request, or None if `msg` is not one."""
-        op = msg["op"]
-        key = msg.get("id")
-        if op == "fd_store":
-            if not isinstance(key, str) or not isinstance(msg.get("meta"), dict) or len(fds) > 1:
-                return fail("bad_request", "fd_store: expected id, meta and at most one fd")
-            old_fd, _ = self.entries.get(key, (None, {}))
-            new_fd = fds.pop() if fds else old_fd  # no fd: only the record changed
-            if old_fd is not None and old_fd != new_fd:
-                os.close(old_fd)
-            self.entries[key] = (new_fd, msg["meta"])
-            return ok(held=len(self))
-        if op == "fd_drop":
-            if not isinstance(key, str):
-                return fail("bad_request", "fd_drop: expected id")
-            fd, _ = self.entries.pop(key, (None, {}))
-            if fd is not None:
-                os.close(fd)
-            return ok(held=len(self))
-        if op == "fd_fetch":
-            return self._fetch(msg)
-        if op == "fd_held":  # did our worker take this socket before it died?
-            entry = self.entries.get(str(key))
-            return ok(held=entry is not None and entry[0] is not None)
-        return None
+    def table(self) -> dict[type[ops.Op], ops.Handler]:
+        """The control ops a vault answers, for its monitor's dispatcher."""
+        return {ops.FdStore: self.on_store, ops.FdDrop: self.on_drop,
+                ops.FdFetch: self.on_fetch, ops.FdHeld: self.on_held}
 
-    def _fetch(self, msg: Message) -> Message:
-        after = msg.get("after") or ""
-        keys = sorted(k for k, (fd, _) in self.entries.items() if fd is not None and k > after)
+    def on_store(self, op: ops.FdStore, fds: list[int]) -> Message:
+        if len(fds) > 1:
+            return fail("bad_request", "fd_store: at most one fd")
+        old_fd, _ = self.entries.get(op.id, (None, {}))
+        new_fd = fds.pop() if fds else old_fd  # no fd: only the record changed
+        if old_fd is not None and old_fd != new_fd:
+            os.close(old_fd)
+        self.entries[op.id] = (new_fd, op.meta)
+        return ok(held=len(self))
+
+    def on_drop(self, op: ops.FdDrop, fds: list[int]) -> Message:
+        self.drop(op.id)
+        return ok(held=len(self))
+
+    def drop(self, key: str) -> None:
+        fd, _ = self.entries.pop(key, (None, {}))
+        if fd is not None:
+            os.close(fd)
+
+    def on_fetch(self, op: ops.FdFetch, fds: list[int]) -> Message:
+        keys = sorted(k for k, (fd, _) in self.entries.items() if fd is not None and k > op.after)
         batch = keys[:FETCH_BATCH]
         return ok(items=[{"id": k, "meta": self.entries[k][1]} for k in batch],
                   more=len(keys) > len(batch), _fds=[self.entries[k][0] for k in batch])
+
+    def on_held(self, op: ops.FdHeld, fds: list[int]) -> Message:
+        """Did our worker take this socket before it died?"""
+        entry = self.entries.get(op.id)
+        return ok(held=entry is not None and entry[0] is not None)
+
+    def held(self) -> list[tuple[str, int, dict[str, Any]]]:
+        """(id, fd, record) of every socket held; the fds stay ours."""
+        return [(k, fd, meta) for k, (fd, meta) in self.entries.items() if fd is not None]
 
     def close_all(self) -> None:
         for fd, _ in self.entries.values():
@@ -80,9 +84,8 @@ class FdKeeper:
     def __init__(self, monitor_ctl: Path, log: Any) -> None:
         self.path = monitor_ctl
         self.log = log
-        self._queue: asyncio.Queue[tuple[Message, int | None, asyncio.Future[bool]]] = (
-            asyncio.Queue()
-        )
+        self._queue: asyncio.Queue[tuple[ops.FdStore | ops.FdDrop, int | None,
+                                         asyncio.Future[bool]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -95,25 +98,26 @@ class FdKeeper:
         that something happened which a restart must not undo.
         """
         dup = os.dup(sock_fd) if sock_fd is not None else None
-        return self._put({"op": "fd_store", "id": key, "meta": meta}, dup)
+        return self._put(ops.FdStore(id=key, meta=meta), dup)
 
     def drop(self, key: str) -> asyncio.Future[bool]:
-        return self._put({"op": "fd_drop", "id": key}, None)
+        return self._put(ops.FdDrop(id=key), None)
 
-    def _put(self, msg: Message, fd: int | None) -> asyncio.Future[bool]:
+    def _put(self, op: ops.FdStore | ops.FdDrop, fd: int | None) -> asyncio.Future[bool]:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((msg, fd, done))
+        self._queue.put_nowait((op, fd, done))
         return done
 
     async def _run(self) -> None:
         while True:
-            msg, fd, done = await self._queue.get()
+            op, fd, done = await self._queue.get()
             try:
-                control.check(await control.request(self.path, msg, fds=[fd] if fd else []))
+                control.check(await control.request(self.path, op.message(),
+                                                    fds=[fd] if fd else []))
                 done.set_result(True)
             except ControlError as e:
                 # The monitor is down; when it is back it asks us to resync everything.
-                self.log.warning("fd_store_failed", op=msg["op"], error=str(e))
+                self.log.warning("fd_store_failed", op=op.name, error=str(e))
                 done.set_result(False)
             finally:
                 if fd is not None:
@@ -132,7 +136,7 @@ class FdKeeper:
         got: list[tuple[str, int, dict[str, Any]]] = []
         after = ""
         while True:
-            reply, fds = await control.request_fds(self.path, {"op": "fd_fetch", "after": after})
+            reply, fds = await control.request_fds(self.path, ops.FdFetch(after=after).message())
             items = reply.get("items") if reply.get("ok") else None
             if not isinstance(items, list) or len(items) != len(fds):
                 control.close_fds(fds)
@@ -145,11 +149,3 @@ class FdKeeper:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-
-
-def resync(keeper: FdKeeper, sockets: Callable[[], list[tuple[str, int, dict[str, Any]]]]) -> int:
-    """Store every socket again (the monitor restarted and holds nothing)."""
-    items = sockets()
-    for key, fd, meta in items:
-        keeper.store(key, fd, meta)
-    return len(items)

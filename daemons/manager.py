@@ -12,8 +12,8 @@ import asyncio
 import sys
 import time
 
-from theychat.daemons import control, daemon, procs
-from theychat.daemons.control import Message, fail, ok
+from theychat.daemons import control, daemon, ops, procs
+from theychat.daemons.control import ok
 from theychat.daemons.daemon import Daemon
 from theychat.daemons.errors import ControlError
 from theychat.daemons.policy import RestartPolicy, decide, prune
@@ -37,7 +37,8 @@ async def _ready(d: Daemon, name: str, pid: int, timeout_s: float) -> bool:
         if not procs.alive(pid):
             return False
         try:
-            reply = await control.request(d.paths.control(name), {"op": "status"}, timeout=0.5)
+            reply = await control.request(d.paths.control(name), ops.Status().message(),
+                                          timeout=0.5)
             if reply.get("ok") and reply.get("daemon", {}).get("state") == "ready":
                 return True
         except ControlError:
@@ -57,12 +58,9 @@ async def main_async(d: Daemon) -> None:
     restarts = 0
     gave_up = False
 
-    async def on_control(msg: Message, fds: list[int]) -> Message:
-        if msg["op"] == "status":
-            return ok(daemon=d.status(), restarts=restarts, gave_up=gave_up)
-        return fail("unknown_op", f"unknown op {msg['op']!r}")
-
-    ctl = control.ControlServer(d.paths.control(d.name), on_control, d.log)
+    ctl = control.ControlServer(d.paths.control(d.name), ops.Dispatcher(d.name, {
+        ops.Status: lambda op, fds: ok(daemon=d.status(), restarts=restarts, gave_up=gave_up),
+    }), d.log)
     await ctl.start()
     d.ready(watching=watched)
     both_dead_since: float | None = None

@@ -9,11 +9,12 @@ import asyncio
 import contextlib
 import time
 
-from theychat.daemons import control, daemon
-from theychat.daemons.control import Message, fail, ok
+from theychat.daemons import control, daemon, ops
+from theychat.daemons.control import Message, check, ok
 from theychat.daemons.daemon import Daemon
 from theychat.daemons.errors import ControlError
 from theychat.daemons.fdstore import FdVault
+from theychat.daemons.peers import ControlPeers
 from theychat.daemons.supervisor import Child
 from theychat.daemons.tree import ROOT, DaemonId, Role
 
@@ -26,45 +27,42 @@ async def supervise_one(d: Daemon) -> None:
     (child_id,) = d.id.children([d.topic] if d.topic else [])
     spec = d.child_spec(child_id)
     vault = FdVault()
-    worker_ctl = d.paths.control(spec.name)
-    router_ctl = d.paths.control(DaemonId(ROOT).name)
+    peers = ControlPeers(d.paths)
+    router = DaemonId(ROOT)
 
     async def gave_up(child: Child) -> None:
         """Escalate: the topic is unavailable, and its people go back to the lobby."""
         if spec.topic is None:
             return  # the lobby itself: nowhere to send its people
         with contextlib.suppress(ControlError):
-            await control.request(router_ctl, {"op": "topic_down", "topic": spec.topic})
+            await peers.ask(router, ops.TopicDown(topic=spec.topic))
         notice = f"{spec.topic} is unavailable (its server keeps failing); you are in the lobby"
         moved = 0
-        for key, (fd, meta) in list(vault.entries.items()):
-            if fd is None:
-                continue
-            msg = {"op": "adopt", "from": spec.topic, "session": meta, "pending": "",
-                   "notice": notice}
+        for key, fd, meta in vault.held():
             with contextlib.suppress(ControlError):
-                control.check(await control.request(router_ctl, msg, fds=[fd]))
+                adopt = ops.Adopt(session=ops.record(ops.Conn, meta, "meta"),
+                                  came_from=spec.topic, notice=notice)
+                check(await peers.ask(router, adopt, fds=[fd]))
                 moved += 1
-            vault.handle({"op": "fd_drop", "id": key}, [])
+            vault.drop(key)
         d.log.info("clients_returned_to_lobby", topic=spec.topic, count=moved)
 
     await d.listen()
     sup = d.supervisor(on_gave_up=gave_up)
 
-    async def on_control(msg: Message, fds: list[int]) -> Message:
-        reply = vault.handle(msg, fds)
-        if reply is not None:
-            return reply
-        if msg["op"] == "status":
-            return ok(daemon=d.status(), children=sup.status(), fds_held=len(vault))
-        if msg["op"] == "stop_child":  # the topic is dropped: end the worker, then us
-            await sup.stop(spec.name)
-            d.log.info("child_stopped", child=spec.name)
-            d.stop.set()
-            return ok()
-        return fail("unknown_op", f"unknown op {msg['op']!r}")
+    async def stop_child() -> Message:
+        """The topic is dropped: end the worker for good, then us."""
+        await sup.stop(spec.name)
+        d.log.info("child_stopped", child=spec.name)
+        d.stop.set()
+        return ok()
 
-    ctl = control.ControlServer(d.paths.control(d.name), on_control, d.log)
+    ctl = control.ControlServer(d.paths.control(d.name), ops.Dispatcher(d.name, {
+        **vault.table(),
+        ops.Status: lambda op, fds: ok(daemon=d.status(), children=sup.status(),
+                                       fds_held=len(vault)),
+        ops.StopChild: lambda op, fds: stop_child(),
+    }), d.log)
     await ctl.start()
     child = sup.add(spec)
     d.ready(child=spec.name)
@@ -74,7 +72,7 @@ async def supervise_one(d: Daemon) -> None:
     deadline = time.monotonic() + d.cfg.supervision.start_timeout_ms / 1000
     while time.monotonic() < deadline and child.state in ("starting", "running"):
         try:
-            reply = control.check(await control.request(worker_ctl, {"op": "fd_resync"}))
+            reply = check(await peers.ask(child_id, ops.FdResync()))
             d.log.info("fds_resync_requested", child=spec.name, count=reply.get("count"))
             break
         except ControlError:

@@ -1,153 +1,88 @@
-"""The state of one topic, pure: members, history and the sequence counter.
+"""One topic's members, operators and bans, kept in its server's directory store.
 
-The server shell owns the sockets; this owns the facts about who is here and what was
-said, so it can be tested without either.
+The topic's messages are in its topic log (`topiclog.py`); this holds who is here and
+who may do what. Keys (under the topic's own store):
+
+    member/SID       {"nick"}   in this topic now (the nick as shown here)
+    op/FOLDED        {}         an operator of this topic (its creator)
+    ban/FOLDED       {"by"}     kept out of this topic
+
+A member's nick is the topic's record of who said what: it changes only after the
+directory (the router's) granted the new nick.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from typing import Any
 
 from theychat.daemons.protocol import fold
-from theychat.daemons.render import Event
+from theychat.daemons.store import DirectoryStore, Entry
+
+MEMBER = "member/"
+OP = "op/"
+BAN = "ban/"
 
 
-@dataclass
-class Member:
-    sid: str
-    nick: str
+def member_key(sid: str) -> str:
+    return MEMBER + sid
+
+
+def member_value(nick: str) -> dict[str, Any]:
+    return {"nick": nick}
+
+
+def op_key(nick: str) -> str:
+    return OP + fold(nick)
+
+
+def ban_key(nick: str) -> str:
+    return BAN + fold(nick)
 
 
 class Room:
-    def __init__(self, topic: str, history_size: int, next_seq: int = 1) -> None:
+    def __init__(self, topic: str, store: DirectoryStore) -> None:
         self.topic = topic
-        self.members: dict[str, Member] = {}
-        self.history: deque[Event] = deque(maxlen=max(history_size, 0) or None)
-        self._history_size = history_size
-        self.next_seq = next_seq
-        self.durable_seq = next_seq - 1  # the last message the log holds (and was sent)
-        self.ops: set[str] = set()  # folded nicks of this topic's operators
-        self.bans: set[str] = set()  # folded nicks kept out
+        self.store = store
 
-    def add(self, sid: str, nick: str) -> Member:
-        member = Member(sid, nick)
-        self.members[sid] = member
-        return member
+    def members(self) -> dict[str, str]:
+        """Session id -> nick of everyone in the topic."""
+        return {e.key[len(MEMBER):]: str(e.value.get("nick")) for e in self.store.range(MEMBER)}
 
-    def remove(self, sid: str) -> Member | None:
-        return self.members.pop(sid, None)
-
-    def rename(self, sid: str, nick: str) -> str:
-        member = self.members[sid]
-        old, member.nick = member.nick, nick
-        return old
-
-    def member_list(self) -> list[dict[str, str]]:
-        return [{"sid": m.sid, "nick": m.nick} for m in self.members.values()]
+    def nick_of(self, sid: str) -> str | None:
+        entry = self.store.get(member_key(sid))
+        nick = entry.value.get("nick") if entry else None
+        return nick if isinstance(nick, str) else None
 
     def nicks(self) -> list[str]:
-        return sorted((m.nick for m in self.members.values()), key=str.lower)
+        return sorted(self.members().values(), key=str.lower)
 
-    def find(self, nick: str) -> Member | None:
+    def find(self, nick: str) -> tuple[str, str] | None:
+        """(session id, nick) of the member called `nick`, if there is one."""
         key = fold(nick)
-        return next((m for m in self.members.values() if fold(m.nick) == key), None)
+        return next(((sid, n) for sid, n in self.members().items() if fold(n) == key), None)
 
-    def post(self, sid: str, text: str, ts: float, action: bool = False,
-             sender: str | None = None) -> Event:
-        """Record a message from a member and return it, numbered."""
-        msg: Event = {
-            "type": "message",
-            "topic": self.topic,
-            "from": self.members[sid].nick,
-            "text": text,
-            "seq": self.next_seq,
-            "ts": round(ts, 3),
-        }
-        if action:
-            msg["action"] = True
-        if sender:
-            msg["sid"] = sender  # kept in the log; `public()` strips it for clients
-        self.next_seq += 1
-        if self._history_size > 0:
-            self.history.append(msg)
-        return msg
-
-    @staticmethod
-    def public(msg: Event) -> Event:
-        """A message as clients see it: without the sender's (secret) session id."""
-        return {k: v for k, v in msg.items() if k != "sid"} if "sid" in msg else msg
-
-    def durable(self, seq: int) -> None:
-        self.durable_seq = max(self.durable_seq, seq)
-
-    def recent(self, n: int) -> list[Event]:
-        """The last `n` messages that were sent out: history and live never overlap."""
-        if n <= 0:
-            return []
-        return [self.public(m) for m in self.history if m["seq"] <= self.durable_seq][-n:]
-
-    def after(self, seq: int) -> list[Event]:
-        """Sent messages numbered after `seq` that history still holds (for a resume)."""
-        return [m for m in self.history if seq < m["seq"] <= self.durable_seq]
+    def member_list(self) -> list[dict[str, str]]:
+        return [{"sid": sid, "nick": nick} for sid, nick in self.members().items()]
 
     def is_op(self, nick: str) -> bool:
-        return fold(nick) in self.ops
+        return self.store.get(op_key(nick)) is not None
 
     def banned(self, nick: str) -> bool:
-        return fold(nick) in self.bans
+        return self.store.get(ban_key(nick)) is not None
 
-    # -- the write-ahead log's view: records that rebuild this state ----------------------
+    def join(self, sid: str, nick: str) -> Awaitable[Entry]:
+        return self.store.put(member_key(sid), member_value(nick))
 
-    def record_of(self, msg: Event) -> dict[str, Any]:
-        rec = {"type": "msg", **{k: msg[k] for k in ("seq", "from", "text", "ts")}}
-        for extra in ("action", "sid"):
-            if msg.get(extra):
-                rec[extra] = msg[extra]
-        return rec
+    def leave(self, sid: str) -> Awaitable[bool]:
+        return self.store.delete(member_key(sid))
 
-    def apply(self, rec: dict[str, Any]) -> None:
-        """Replay one log record; unknown or malformed records are skipped, not fatal."""
-        kind = rec.get("type")
-        if kind == "join" and isinstance(rec.get("sid"), str) and isinstance(rec.get("nick"), str):
-            self.add(rec["sid"], rec["nick"])
-        elif kind == "leave":
-            self.remove(str(rec.get("sid")))
-        elif kind == "nick" and rec.get("sid") in self.members:
-            self.rename(rec["sid"], str(rec.get("nick")))
-        elif kind == "msg" and isinstance(rec.get("seq"), int):
-            msg = {"type": "message", "topic": self.topic, "from": rec.get("from"),
-                   "text": rec.get("text"), "seq": rec["seq"], "ts": rec.get("ts")}
-            if rec.get("action"):
-                msg["action"] = True
-            if isinstance(rec.get("sid"), str):
-                msg["sid"] = rec["sid"]
-            if self._history_size > 0:
-                self.history.append(msg)
-            self.next_seq = max(self.next_seq, rec["seq"] + 1)
-            self.durable_seq = self.next_seq - 1  # replayed: it is in the log
-        elif kind == "op" and isinstance(rec.get("nick"), str):
-            self.ops.add(fold(rec["nick"]))
-        elif kind == "ban" and isinstance(rec.get("nick"), str):
-            self.bans.add(fold(rec["nick"]))
-        elif kind == "kick":
-            self.remove(str(rec.get("sid")))
+    def rename(self, sid: str, nick: str) -> tuple[str | None, Awaitable[Entry]]:
+        """(the old nick, the write): the directory already granted `nick`."""
+        return self.nick_of(sid), self.store.put(member_key(sid), member_value(nick))
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"members": self.member_list(),
-                "history": [self.record_of(m) for m in self.history],
-                "next_seq": self.next_seq, "ops": sorted(self.ops), "bans": sorted(self.bans)}
+    def add_op(self, nick: str) -> Awaitable[Entry | None]:
+        return self.store.create(op_key(nick), {})
 
-    def restore(self, state: dict[str, Any]) -> None:
-        for m in state.get("members", []):
-            self.apply({"type": "join", **m})
-        for rec in state.get("history", []):
-            self.apply(rec)
-        if isinstance(state.get("next_seq"), int):
-            self.next_seq = max(self.next_seq, state["next_seq"])
-            self.durable_seq = self.next_seq - 1
-        for nick in state.get("ops", []):
-            self.apply({"type": "op", "nick": nick})
-        for nick in state.get("bans", []):
-            self.apply({"type": "ban", "nick": nick})
+    def ban(self, nick: str, by: str) -> Awaitable[Entry]:
+        return self.store.put(ban_key(nick), {"by": by})

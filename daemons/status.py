@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from theychat.daemons import control, procs
+from theychat.daemons import control, ops, procs
 from theychat.daemons.config import Config
 from theychat.daemons.errors import ControlError
 from theychat.daemons.paths import StatePaths
@@ -27,7 +27,8 @@ def live_daemons(paths: StatePaths) -> dict[str, procs.PidRecord]:
 def query(paths: StatePaths, name: str, timeout: float = 0.5) -> dict[str, Any] | None:
     """A daemon's `status` reply, or None if it does not answer in time."""
     try:
-        return control.check(control.request_sync(paths.control(name), {"op": "status"}, timeout))
+        return control.check(control.request_sync(paths.control(name), ops.Status().message(),
+                                                  timeout))
     except ControlError:
         return None
 

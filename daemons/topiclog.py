@@ -1,0 +1,182 @@
+"""The topic log seam: one topic's messages in one order (DESIGN.md section 8).
+
+A topic server appends what its members say and fans out what the log commits; it never
+numbers a message itself. The log gives each line its sequence number, and tells its
+followers about committed entries, in order, once each. On one host the log is the topic
+server's write-ahead log (`local.LocalTopicLog`), where committed means fsynced; in a
+cluster it would be the topic's sequencer on etcd, where committed means in etcd (and
+followers on every host hear of every entry, whoever appended it).
+
+Reads (`after`, `last`) see only committed entries, and only as many as the topic keeps
+(`history.size`): history and live delivery never overlap.
+
+`MemoryTopicLog` commits at once, for tests of the logic above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from theychat.daemons.render import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A line to append: who said it (session and nick at the time) and what."""
+
+    sid: str
+    nick: str
+    text: str
+    ts: float
+    action: bool = False  # /me
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    """A committed entry of the log."""
+
+    seq: int
+    ts: float
+    nick: str
+    text: str
+    action: bool = False
+    sid: str | None = None  # the sender's session: never shown to others
+
+    def event(self, topic: str) -> Event:
+        """The message as members see it (without the sender's secret session id)."""
+        ev: Event = {"type": "message", "topic": topic, "from": self.nick, "text": self.text,
+                     "seq": self.seq, "ts": self.ts}
+        if self.action:
+            ev["action"] = True
+        return ev
+
+
+OnCommit = Callable[[list[Posted]], None]
+
+
+class TopicLog(Protocol):
+    @property
+    def last_seq(self) -> int:
+        """The highest committed sequence number (0: none yet)."""
+        ...
+
+    def append(self, drafts: Sequence[Draft]) -> Awaitable[list[Posted]]:
+        """Append lines in this order; completes once they are committed, with their
+        numbers. Fails (and commits none of them) if the log cannot take them."""
+        ...
+
+    def after(self, seq: int) -> list[Posted]:
+        """Committed entries numbered after `seq`, as far as the log keeps them."""
+        ...
+
+    def last(self, n: int) -> list[Posted]:
+        """The latest `n` committed entries."""
+        ...
+
+    def follow(self, on_commit: OnCommit) -> None:
+        """Call `on_commit(entries)` for every later commit, in order."""
+        ...
+
+    def sync(self) -> Awaitable[None]:
+        """Complete once everything appended so far is committed."""
+        ...
+
+
+class Tail:
+    """The end of a log that a topic keeps in memory, pure: the last `history.size`
+    entries appended, and how far they are committed. Reads see committed ones only."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = max(keep, 0)
+        self.entries: deque[Posted] = deque(maxlen=self.keep or None)
+        self.next_seq = 1  # the number the next appended line gets
+        self.last_seq = 0  # the highest committed
+
+    def add(self, entries: Iterable[Posted]) -> None:
+        """Entries appended (numbered), not yet committed."""
+        for e in entries:
+            if self.keep:
+                self.entries.append(e)
+            self.next_seq = max(self.next_seq, e.seq + 1)
+
+    def commit(self, seq: int) -> None:
+        self.last_seq = max(self.last_seq, seq)
+
+    def after(self, seq: int) -> list[Posted]:
+        return [e for e in self.entries if seq < e.seq <= self.last_seq]
+
+    def last(self, n: int) -> list[Posted]:
+        if n <= 0:
+            return []
+        return [e for e in self.entries if e.seq <= self.last_seq][-n:]
+
+
+class TailLog:
+    """A TopicLog over a `Tail` in this process: numbers are given at append time, and
+    `_persist` makes a batch durable (at once in `MemoryTopicLog`; the write-ahead log
+    in `local.LocalTopicLog`). Batches commit in the order they were appended."""
+
+    def __init__(self, tail: Tail) -> None:
+        self.tail = tail
+        self._followers: list[OnCommit] = []
+        self._last: asyncio.Future[list[Posted]] | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self.tail.last_seq
+
+    def _persist(self, entries: list[Posted]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    def append(self, drafts: Sequence[Draft]) -> asyncio.Future[list[Posted]]:
+        seq = self.tail.next_seq
+        entries = [Posted(seq + i, round(d.ts, 3), d.nick, d.text, d.action, d.sid)
+                   for i, d in enumerate(drafts)]
+        self.tail.add(entries)
+        result: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
+        durable = self._persist(entries)
+
+        def committed(f: asyncio.Future[None]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                if not result.done():
+                    result.set_exception(f.exception() or asyncio.CancelledError())
+                return
+            self.tail.commit(entries[-1].seq)
+            for on_commit in self._followers:
+                on_commit(entries)
+            if not result.done():
+                result.set_result(entries)
+
+        if durable.done():
+            committed(durable)
+        else:
+            durable.add_done_callback(committed)
+        self._last = result
+        return result
+
+    def after(self, seq: int) -> list[Posted]:
+        return self.tail.after(seq)
+
+    def last(self, n: int) -> list[Posted]:
+        return self.tail.last(n)
+
+    def follow(self, on_commit: OnCommit) -> None:
+        self._followers.append(on_commit)
+
+    async def sync(self) -> None:
+        last = self._last
+        if last is not None and not last.done():
+            await asyncio.wait([last])
+
+
+class MemoryTopicLog(TailLog):
+    """The topic log in memory only: every append commits at once (for tests)."""
+
+    def __init__(self, keep: int = 1000) -> None:
+        super().__init__(Tail(keep))
