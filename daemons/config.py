@@ -67,6 +67,8 @@ class Log:
 @dataclass(frozen=True)
 class Clients:
     max_connections: int = field(default=10_000, metadata=_range(1, 1_000_000))
+    # Connected sessions from one address (one host, or a NAT in front of many people).
+    max_per_address: int = field(default=50, metadata=_range(1, 1_000_000))
     output_queue_bytes: int = field(default=256 * 1024, metadata=_range(4096, 1 << 30))
     rate_per_second: float = field(default=20.0, metadata=_range(0.1, 1_000_000))
     rate_burst: int = field(default=50, metadata=_range(1, 1_000_000))

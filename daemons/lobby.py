@@ -66,8 +66,13 @@ class Lobby(Commands):
                           on_made=self._made)
 
     def _made(self, conn: ClientConn) -> None:
-        if len(self.dir.sessions()) >= self.cfg.clients.max_connections:
+        limits = self.cfg.clients
+        if len(self.dir.sessions()) >= limits.max_connections:
             self._refuse(conn, "server full", "server full; try again later")
+            return
+        if self.dir.connected_from(conn.addr) >= limits.max_per_address:
+            self._refuse(conn, "too many from this address",
+                         "too many connections from your address; try again later")
             return
         assert conn.transport is not None
         sock = conn.transport.get_extra_info("socket")

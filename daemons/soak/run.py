@@ -189,7 +189,11 @@ def run(args: argparse.Namespace) -> int:
         (report / "logs").mkdir(exist_ok=True)
     except OSError as e:
         raise SoakError(f"--report {report}: {e.strerror or e}") from None
-    tree = Tree({}, keep=args.keep, base=base, prefix="tc-soak-")
+    # Every client comes from loopback: make room for them, unless the config says.
+    clients = base.get("clients")
+    room = {} if isinstance(clients, dict) and "max_per_address" in clients else {
+        "clients": {"max_per_address": max(50, 2 * args.clients)}}
+    tree = Tree(room, keep=args.keep, base=base, prefix="tc-soak-")
     soak = Soak(args, tree, report)
     command = "theychat soak " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     print(f"soak: tree in {tree.root}, port {tree.port}; {len(soak.faults)} faults planned; "

@@ -38,6 +38,8 @@ BENCH_OVERRIDES: dict[str, Any] = {
         "rate_burst": 1000000,
         # 5,000 connections and the sessions of earlier runs (default 10,000).
         "max_connections": 100000,
+        # ... all from loopback (default 50 per address).
+        "max_per_address": 100000,
         # A member may lag a whole in-flight window behind (default 256 KiB).
         "output_queue_bytes": 64 * 1024 * 1024,
     },

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -260,6 +261,24 @@ def test_flooding_is_refused_with_an_error(make_tree) -> None:  # type: ignore[n
     ev = t.wait_event("server@rust", "client_left", nick="spam7")
     assert ev["reason"] == "flooding"
     listener.expect(r"spam7 left rust \(flooding\)")
+
+
+def test_one_address_gets_at_most_max_per_address_connections(make_tree) -> None:  # type: ignore[no-untyped-def]
+    t = make_tree({"clients": {"max_per_address": 2}})
+    first, second = Client(t.port, "pa1"), Client(t.port, "pa2")
+    second.join("rust")  # in a topic it still counts
+    with socket.create_connection(("127.0.0.1", t.port), timeout=WAIT_S) as third:
+        third.settimeout(WAIT_S)
+        got = b""
+        while chunk := third.recv(1024):
+            got += chunk
+    assert got == b"! too many connections from your address; try again later\n"
+    ev = t.wait_event("router", "client_refused", reason="too many from this address")
+    assert ev["peer"].startswith("127.0.0.1:")
+    first.send("/quit")
+    first.expect("bye")
+    Client(t.port, "pa3")  # a place is free again
+    first.close()
 
 
 def test_control_socket_answers_garbage_and_survives(tree: Tree) -> None:

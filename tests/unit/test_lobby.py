@@ -90,6 +90,22 @@ def test_a_full_server_refuses_with_a_clear_line() -> None:
     run(body)
 
 
+def test_one_address_cannot_take_every_place() -> None:
+    async def body() -> None:
+        r = Router()
+        r.lobby.cfg = Config(clients=Clients(max_per_address=2))
+        first, second = await r.arrive(), await r.arrive()
+        third = await r.arrive()
+        assert bytes(third.transport.data) == (  # type: ignore[union-attr]
+            b"! too many connections from your address; try again later\n")
+        assert take(first)[0]["type"] == "hello" and take(second)[0]["type"] == "hello"
+        r.lobby.lost(second, "connection lost")  # a disconnected session does not count
+        await asyncio.sleep(0)
+        assert take(await r.arrive())[0]["type"] == "hello"
+
+    run(body)
+
+
 def test_nicks_are_unique_and_talking_needs_a_topic() -> None:
     async def body() -> None:
         r = Router()
