@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.process.conftest import THEYCHAT, WAIT_S, Client, make_config, processes_of, run_cli
+from tests.process.conftest import (
+    THEYCHAT,
+    WAIT_S,
+    Client,
+    Tree,
+    make_config,
+    processes_of,
+    run_cli,
+    tear_down,
+)
 
 
 def test_up_status_down(make_tree) -> None:  # type: ignore[no-untyped-def]
@@ -163,3 +172,75 @@ def test_a_killed_daemon_is_restarted_by_its_supervisor(make_tree, victim: str) 
     b.join("rust")
     a.send("after the restart")
     assert b.expect("a10:") == "[rust] a10: after the restart"
+
+
+def test_a_client_who_connects_during_start_up_is_greeted_once_its_socket_is_kept() -> None:
+    """Someone connecting while `theychat up` runs waits in the kernel's backlog: the
+    router accepts nobody before its router-monitor can keep a copy of the socket."""
+    path, state, port = make_config()
+    tree = Tree(path, state, port)
+    up = subprocess.Popen([*THEYCHAT, "up", "--config", str(path)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert time.monotonic() < deadline, "the client port never opened"
+            try:
+                early = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+                break
+            except OSError:
+                time.sleep(0.005)
+        with early:
+            early.settimeout(WAIT_S)
+            assert b"welcome to TheyChat" in early.recv(4096)
+        assert up.wait(timeout=40) == 0, up.stderr.read() if up.stderr else ""
+        router = tree.log_events("router")
+        assert [e for e in router if e["event"] == "fd_store_failed"] == []
+        ready = next(e["ts"] for e in tree.log_events("router-monitor")
+                     if e["event"] == "daemon_ready")
+        greeted = next(e["ts"] for e in router if e["event"] == "client_connected")
+        assert ready < greeted
+    finally:
+        if up.poll() is None:
+            up.kill()
+        tear_down(tree)
+
+
+def test_status_during_start_up_says_starting() -> None:
+    """A `status` request that reaches the router before its supervisor exists."""
+    import asyncio
+    import shutil
+    import tempfile
+
+    from tests.unit.fakes import Log
+    from theychat.daemons import control, ops
+    from theychat.daemons.config import Config
+    from theychat.daemons.daemon import Daemon
+    from theychat.daemons.paths import StatePaths
+    from theychat.daemons.router import Router
+    from theychat.daemons.tree import DaemonId, Role
+
+    root = Path(tempfile.mkdtemp(prefix="tc-", dir="/tmp"))  # short: socket paths
+    paths = StatePaths(root / "s")
+    paths.ensure()
+    d = Daemon(DaemonId(Role.ROUTER), Config(), paths, None, Log(), 1)
+
+    async def body() -> None:
+        router = Router(d)
+        ctl = control.ControlServer(paths.control("router"), router._dispatcher(), d.log)
+        await ctl.start()
+        try:
+            reply = await control.request(paths.control("router"), ops.Status().message())
+            assert reply["ok"] and reply["daemon"]["state"] == "starting"
+            assert reply["children"] == []
+            made = await control.request(paths.control("router"),
+                                         ops.CreateTopic(topic="go", sid="ab").message())
+            assert made["code"] == "starting"
+        finally:
+            await ctl.close()
+            await router.wal.close()
+
+    try:
+        asyncio.run(body())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
