@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -34,8 +35,6 @@ from theychat.daemons.protocol import MAX_NAME, valid_name
 from theychat.daemons.supervisor import Child, Supervisor
 from theychat.daemons.tree import ChildSpec, DaemonId, Role, command, spec_of
 
-EXIT_CONFIG = 2
-EXIT_LOCKED = 3  # another incarnation holds the lock: not a failure to restart for
 HEARTBEAT_HOST = "127.0.0.1"  # supervisors and children share a host today
 
 
@@ -51,6 +50,7 @@ class Daemon:
     state: str = "starting"
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     failed: str | None = None  # why we stop on our own (a crash for our supervisor)
+    failed_status: int = 1  # the exit status that tells our supervisor why
     key: bytes = b""
     listener: HeartbeatListener | None = None
     sender: HeartbeatSender | None = None
@@ -118,10 +118,10 @@ class Daemon:
             "heartbeats_rejected": rejected,
         }
 
-    def fail(self, reason: str) -> None:
-        """Stop now and exit non-zero: our supervisor restarts us and we replay."""
+    def fail(self, reason: str, status: int = 1) -> None:
+        """Stop now and exit non-zero (`status`): our supervisor restarts us, we replay."""
         if self.failed is None:
-            self.failed = reason
+            self.failed, self.failed_status = reason, status
             self.log.error("daemon_failed", error=reason)
         self.stop.set()
 
@@ -149,8 +149,10 @@ class Daemon:
 
 
 def _fail(name: str, text: str, code: int) -> int:
-    # stderr goes to logs/NAME.stderr, which `theychat up` shows when a start fails.
-    print(f"{name}: {text}", file=sys.stderr, flush=True)
+    # stderr goes to logs/NAME.stderr, which `theychat up` shows when a start fails (and
+    # which a full disk may refuse: the exit status says it all the same).
+    with contextlib.suppress(OSError):
+        print(f"{name}: {text}", file=sys.stderr, flush=True)
     return code
 
 
@@ -179,7 +181,7 @@ def run(role: Role, body: Callable[[Daemon], Awaitable[None]],
         paths = StatePaths(Path(args.state_dir) if args.state_dir else cfg.resolved_state_dir())
         paths.ensure()
     except TheyChatError as e:
-        return _fail(name, str(e), EXIT_CONFIG)
+        return _fail(name, str(e), procs.EXIT_CONFIG)
     if paths.stopping.exists():
         return 0  # `theychat down` is under way: starting now would only race it
     lock_fd = os.open(paths.lockfile(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -188,12 +190,17 @@ def run(role: Role, body: Callable[[Daemon], Awaitable[None]],
     # A standby is told to go the moment its predecessor is seen dead, which can be a
     # moment before the kernel has let go of that process's lock: wait that moment out.
     if not procs.lock(lock_fd, LOCK_GRACE_S if args.standby else 0.0):
-        return _fail(name, "already running (its lock is held)", EXIT_LOCKED)
+        return _fail(name, "already running (its lock is held)", procs.EXIT_LOCKED)
     previous = procs.read_pidfile(paths.pidfile(name))
     incarnation = previous.incarnation + 1 if previous else 1
     log = logs.configure(paths.log(name), cfg.log.level, role=role, topic=args.topic,
                          pid=os.getpid(), incarnation=incarnation)
-    procs.write_pidfile(paths.pidfile(name), incarnation)
+    try:
+        procs.write_pidfile(paths.pidfile(name), incarnation)
+    except OSError as e:
+        log.error("daemon_failed", error=f"cannot write its pid file: {e.strerror or e}")
+        status = procs.EXIT_NO_SPACE if procs.no_space(e) else 1
+        return _fail(name, f"cannot write its pid file: {e.strerror or e}", status)
     d = Daemon(me, cfg, paths, args.config and os.path.abspath(args.config), log, incarnation)
     try:
         d.key = load_or_create_key(paths.heartbeat_key)
@@ -204,13 +211,19 @@ def run(role: Role, body: Callable[[Daemon], Awaitable[None]],
     try:
         asyncio.run(_main(d, body))
         if d.failed:
-            return _fail(name, d.failed, 1)
+            return _fail(name, d.failed, d.failed_status)
         # A clean end: a supervisor that finds us gone at its own start need not
         # declare us dead.
         procs.write_pidfile(paths.pidfile(name), incarnation, stopped=True)
     except TheyChatError as e:
         log.error("daemon_failed", error=str(e))
-        return _fail(name, str(e), 1)
+        return _fail(name, str(e), procs.EXIT_NO_SPACE if procs.no_space(e) else 1)
+    except OSError as e:
+        if not procs.no_space(e):
+            log.exception("daemon_crashed", error=repr(e))
+            return 1
+        log.error("daemon_failed", error=f"no space left: {e}")
+        return _fail(name, f"no space left: {e}", procs.EXIT_NO_SPACE)
     except Exception as e:
         log.exception("daemon_crashed", error=repr(e))
         return 1

@@ -11,13 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from theychat.daemons import procs
 from theychat.daemons.config import WalSettings
-from theychat.daemons.wal import Record, Wal, WalFailed
+from theychat.daemons.wal import Record, Wal, WalError, WalFailed
 
 
 class Journal:
     def __init__(self, path: Path, settings: WalSettings, log: Any,
-                 snapshot: Callable[[], Record], on_fail: Callable[[str], None]) -> None:
+                 snapshot: Callable[[], Record], on_fail: Callable[[str, int], None]) -> None:
         self.wal, self.replay = Wal.open(path, settings.fsync, log)
         self._every = settings.snapshot_every
         self._snapshot = snapshot
@@ -26,12 +27,18 @@ class Journal:
         self._last: asyncio.Future[None] | None = None
 
     def append(self, rec: Record) -> asyncio.Future[None]:
-        """Append a record; the future completes once it is durable (`wal.fsync`).
+        """Append a record; the future completes once it is durable (`wal.fsync`), or
+        fails (WalError) if it cannot be: after a failure, at once.
 
         The caller has already applied `rec` to its state, so a snapshot taken now
         covers every record appended so far.
         """
-        fut = self.wal.append_nowait(rec)
+        try:
+            fut = self.wal.append_nowait(rec)
+        except WalError as e:  # failed earlier (or closed): the caller hears it the same way
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(e)
+            return failed
         fut.add_done_callback(self._check)
         self._last = fut
         if self._compacting is None and self.wal.records_since_snapshot >= self._every:
@@ -46,8 +53,9 @@ class Journal:
                 await asyncio.shield(self._last)
 
     def _check(self, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
-            self._on_fail(f"write-ahead log failed: {fut.exception()}")
+        if not fut.cancelled() and (e := fut.exception()) is not None:
+            status = procs.EXIT_NO_SPACE if procs.no_space(e) else 1
+            self._on_fail(f"write-ahead log failed: {e}", status)
 
     def _compacted(self, fut: asyncio.Future[None]) -> None:
         self._compacting = None

@@ -29,7 +29,7 @@ class LocalLog:
     seams (`topic` only when `keep` says how many entries a topic keeps)."""
 
     def __init__(self, path: Path, settings: WalSettings, log: Any,
-                 on_fail: Callable[[str], None], keep: int | None = None) -> None:
+                 on_fail: Callable[[str, int], None], keep: int | None = None) -> None:
         self.state = LogState(KvState(), Tail(keep) if keep is not None else None)
         self.journal = Journal(path, settings, log, self._snapshot, on_fail)
         found = self.journal.replay

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -15,9 +17,28 @@ import structlog
 Logger = Any  # structlog's bound logger; its methods are dynamic
 
 
+class LogFile:
+    """A daemon's log file, line-buffered (a SIGKILL must not take the last events with
+    it), that never raises: a full disk loses log lines, never the daemon (nor the
+    coroutine that logged)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: TextIO = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self.lost = 0  # lines a write error cost
+
+    def write(self, text: str) -> None:
+        try:
+            self._file.write(text)
+        except (OSError, ValueError):
+            self.lost += 1
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._file.flush()
+
+
 def configure(path: Path, level: str, **bound: Any) -> Logger:
-    # Line-buffered: a SIGKILL must not take the last events with it.
-    stream: TextIO = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    stream: Any = LogFile(path)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -53,7 +74,7 @@ _PRIORITY = {"debug": 7, "info": 6, "msg": 6, "warning": 4, "warn": 4, "error": 
 class _Tee:
     """Each JSON line to the log file and, as it is, to the journal with its priority."""
 
-    def __init__(self, file: TextIO, journal: TextIO) -> None:
+    def __init__(self, file: LogFile, journal: TextIO) -> None:
         self._file, self._journal = file, journal
 
     def __getattr__(self, method: str) -> Any:
@@ -70,9 +91,9 @@ class _Tee:
         return write
 
 
-def _factory(file: TextIO, journal: TextIO | None) -> Any:
+def _factory(file: LogFile, journal: TextIO | None) -> Any:
     if journal is None:
-        return structlog.WriteLoggerFactory(file=file)
+        return structlog.WriteLoggerFactory(file=typing.cast(TextIO, file))
     return lambda *args: _Tee(file, journal)
 
 

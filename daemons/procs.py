@@ -7,7 +7,7 @@ process start time from /proc; `alive()` checks both.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -16,6 +16,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# How a daemon's process ends, for its supervisor (and systemd's RestartPreventExitStatus).
+EXIT_CONFIG = 2  # the config is invalid: restarting cannot fix it
+EXIT_LOCKED = 3  # another incarnation holds the lock: not a failure to restart for
+EXIT_NO_SPACE = 4  # its state's filesystem is full: restart when there is room again
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(e: BaseException | None) -> bool:
+    """Is this the error of a full filesystem (or a used-up quota)?"""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
@@ -97,37 +112,41 @@ def spawn(args: list[str], stderr_path: Path, go_fd: int | None = None) -> int:
     )
 
 
-def reap(pid: int) -> None:
-    """Collect the exit status of a child of ours; a process we adopted is not ours."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def reap(pid: int) -> int | None:
+    """Collect the exit status of a child of ours (a signal: minus its number); None for
+    a process we adopted (not ours) or one still running."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, OSError):
+        return None
+    return os.waitstatus_to_exitcode(status) if done == pid else None
 
 
-async def wait_exit(pid: int, started: int | None) -> None:
-    """Return when the process exits (pidfd: within a millisecond of its death)."""
+async def wait_exit(pid: int, started: int | None) -> int | None:
+    """Return when the process exits (pidfd: within a millisecond of its death), with its
+    exit status if it was a child of ours."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return
+        return reap(pid)
     try:
         # pidfd_open may have caught a reused pid: check identity now the fd pins it.
-        if not alive(pid, started):
-            return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        if alive(pid, started):
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
 
-        def exited() -> None:
-            if not fut.done():
-                fut.set_result(None)
+            def exited() -> None:
+                if not fut.done():
+                    fut.set_result(None)
 
-        loop.add_reader(pidfd, exited)
-        try:
-            await fut
-        finally:
-            loop.remove_reader(pidfd)
+            loop.add_reader(pidfd, exited)
+            try:
+                await fut
+            finally:
+                loop.remove_reader(pidfd)
     finally:
         os.close(pidfd)
-        reap(pid)
+    return reap(pid)
 
 
 def signal_process(rec: PidRecord, sig: int) -> bool:

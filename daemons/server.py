@@ -12,8 +12,9 @@ in the server's write-ahead log (`local.py`); the sockets `handoff.py`. The tabl
 from __future__ import annotations
 
 import sys
+import time
 
-from theychat.daemons import control, daemon, ops
+from theychat.daemons import control, daemon, ops, procs
 from theychat.daemons.clientconn import ClientConn
 from theychat.daemons.commands import Pending
 from theychat.daemons.control import Message, check, ok
@@ -26,6 +27,7 @@ from theychat.daemons.protocol import Command, Say
 from theychat.daemons.room import Room
 from theychat.daemons.topic import ROUTER, TopicCommands
 from theychat.daemons.tree import Role
+from theychat.daemons.wal import WalError
 from theychat.daemons.watermark import Watermark
 
 
@@ -78,6 +80,8 @@ class Server:
                 self.room.join(conn.sid, nick)
         self.reconcile(in_log)
         self.send_unsent()
+        if self.fanned.paused and not await self._writable_again():
+            return  # still full: we stop again, silently (the members were told)
         # Only now: a line sent during the outage must reach every member, so none may
         # be handled before all are back.
         for conn in self.sockets:
@@ -90,6 +94,19 @@ class Server:
             ])))
         self.members.background(self._learn_creator())
         self.d.ready(members=len(self.sockets), next_seq=self.topic_log.last_seq + 1)
+
+    async def _writable_again(self) -> bool:
+        """Our last incarnation stopped for a full disk: if a write goes through now, the
+        members hear that the topic takes lines again, before any line is handled."""
+        try:
+            await self.wal.store.put("health/writable", {"since": time.time()})
+        except WalError:
+            return False  # the log failed: the daemon is stopping already
+        self.fanned.paused = False
+        self.log.info("topic_resumed", topic=self.topic)
+        self.members.broadcast({"type": "notice", "text": f"{self.topic} is back: what you "
+                                "send is taken again"})
+        return True
 
     async def _still_ours(self, sids: list[str]) -> set[str]:
         """Of the sockets our monitor kept, those the router does not place elsewhere
@@ -173,7 +190,16 @@ class Server:
         self.log.info("daemon_stopping")
         await ctl.close()
         await self.sockets.close()  # our monitor keeps its copies for our next start
-        await self.members.close()
+        notice: str | None = ""
+        if self.d.failed_status == procs.EXIT_NO_SPACE:
+            # Told once, however many restarts it takes to get room again.
+            notice = None if self.fanned.paused else (
+                f"{self.topic} is paused: its server cannot write to disk (no space left); "
+                "it comes back by itself when there is room; what you send meanwhile is "
+                "not taken")
+            self.fanned.paused = True
+            self.log.warning("topic_paused", topic=self.topic)
+        await self.members.close(notice)
         await self.wal.close()
 
 

@@ -26,7 +26,7 @@ from theychat.daemons import procs
 from theychat.daemons.config import Supervision
 from theychat.daemons.heartbeat import PeerWatch
 from theychat.daemons.paths import StatePaths
-from theychat.daemons.policy import RestartPolicy, decide, prune
+from theychat.daemons.policy import Decision, RestartPolicy, decide, prune
 from theychat.daemons.procs import PidRecord
 from theychat.daemons.tree import ChildSpec, Restart
 
@@ -71,7 +71,9 @@ class Processes(Protocol):
     def start_time(self, pid: int) -> int | None:
         ...
 
-    async def wait_exit(self, pid: int, started: int | None) -> None:
+    async def wait_exit(self, pid: int, started: int | None) -> int | None:
+        """Return once the process has exited, with its exit status if it is known (a
+        child of ours; a signal is minus its number)."""
         ...
 
     def signal(self, rec: PidRecord, sig: int) -> bool:
@@ -98,8 +100,8 @@ class HostProcesses:
     def start_time(self, pid: int) -> int | None:
         return procs.start_time(pid)
 
-    async def wait_exit(self, pid: int, started: int | None) -> None:
-        await procs.wait_exit(pid, started)
+    async def wait_exit(self, pid: int, started: int | None) -> int | None:
+        return await procs.wait_exit(pid, started)
 
     def signal(self, rec: PidRecord, sig: int) -> bool:
         return procs.signal_process(rec, sig)
@@ -179,6 +181,7 @@ class Child:
     state: str = "starting"  # starting | running | restarting | gave_up | stopped
     beats_at_start: int = 0  # watch.accepted when the current process was started
     started_ms: int = 0  # monotonic ms when the current process was started
+    exit_status: int | None = None  # of the process that just ended, when known
     task: asyncio.Task[None] | None = None
 
     def status(self) -> dict[str, Any]:
@@ -234,11 +237,12 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _restarted(self, child: Child, declared: float) -> None:
-        """Count a restart begun at `declared`, then follow the new process until it beats
-        (`restarted`)."""
+    def _restarted(self, child: Child, declared: float, counted: bool = True) -> None:
+        """Count a restart begun at `declared` (against the intensity too, if `counted`),
+        then follow the new process until it beats (`restarted`)."""
         child.restarts += 1
-        child.recent.append(declared)
+        if counted:
+            child.recent.append(declared)
         self._spawn(self._report_restarted(child, declared))
 
     def _running(self, child: Child, rec: PidRecord) -> None:
@@ -362,6 +366,8 @@ class Supervisor:
                 self.log.info("child_stopped", child=child.spec.name, child_pid=child.pid)
                 return  # a transient child that finished is not restarted
             declared = self.now()
+            if cause == "exit" and child.exit_status == procs.EXIT_NO_SPACE:
+                cause = "no_space"
             last = child.watch.last_beat
             self.log.warning("peer_declared_dead", child=child.spec.name, child_pid=child.pid,
                              cause=cause, detection_ms=self._silence_ms(child),
@@ -373,6 +379,11 @@ class Supervisor:
                 return
             child.recent = prune(child.recent, declared, self.policy.window_s)
             decision = decide(self.policy, child.recent, declared)
+            if cause == "no_space":
+                # Its filesystem is full: not a crash loop to give up on. Try again at
+                # the longest backoff until there is room (it starts, or exits 4 again).
+                decision = Decision("restart", self.policy.backoff_max_ms / 1000,
+                                    decision.restarts_in_window)
             if decision.action == "give_up":
                 self.manager.drop_standby(child.spec)
                 child.state = "gave_up"
@@ -390,7 +401,7 @@ class Supervisor:
                 child.state = "stopped"
                 return
             await self._start(child)
-            self._restarted(child, declared)
+            self._restarted(child, declared, counted=cause != "no_space")
             self._spawn(self._standby_when_alive(child))
 
     def _silence_ms(self, child: Child) -> int:
@@ -403,6 +414,7 @@ class Supervisor:
     async def _until_dead(self, child: Child) -> str:
         """'exit' when the process ends, 'timeout' when its heartbeats stop,
         'start_timeout' when a start never produced a process."""
+        child.exit_status = None
         if child.pid is None:
             return "start_timeout"
         exited = asyncio.ensure_future(self.os.wait_exit(child.pid, child.started))
@@ -420,6 +432,7 @@ class Supervisor:
                     return "timeout"
                 done, _ = await asyncio.wait({exited}, timeout=wait_ms / 1000)
                 if done:
+                    child.exit_status = exited.result()
                     return "exit"
                 late = self.now_ms() - now - wait_ms
                 if late > self.timeout_ms:

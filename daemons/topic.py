@@ -48,6 +48,7 @@ class TopicCommands(Commands):
         self._fanned = fanned  # the fan-out watermark: every member has had up to seq
         self.closing = False  # shutting down: connections end, but nobody left
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._unanswered: set[asyncio.Future[list[Posted]]] = set()  # lines in the log's hands
         log.follow(self.fan_out)
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -120,11 +121,13 @@ class TopicCommands(Commands):
             return None
         draft = Draft(conn.sid, self.nick(conn), text, time.time(), action)
         appended = self.topic_log.append([draft])
+        self._unanswered.add(appended)  # type: ignore[arg-type]
         appended.add_done_callback(lambda f: self._said(f, conn))  # type: ignore[attr-defined]
         return None
 
     def _said(self, appended: asyncio.Future[list[Posted]], conn: Conn) -> None:
         """Acknowledge what the log took; say so when it took nothing (never silence)."""
+        self._unanswered.discard(appended)
         if self.sockets.get(conn.sid) is not conn:
             return  # gone meanwhile
         if appended.cancelled() or appended.exception() is not None:
@@ -400,10 +403,17 @@ class TopicCommands(Commands):
                 moved += 1
         return ok(moved=moved)
 
-    async def close(self) -> None:
+    async def close(self, notice: str | None = "") -> None:
+        """Shutting down: every member is told `notice` (by default that the server is
+        shutting down; None: nothing) and our copies close; they come back after."""
+        if self._unanswered:  # every line the log was given gets its answer first
+            await asyncio.wait(list(self._unanswered))
         self.closing = True
+        if notice == "":
+            notice = f"the server of {self.topic} is shutting down"
         for conn in self.sockets:
-            conn.send({"type": "notice", "text": f"the server of {self.topic} is shutting down"})
+            if notice:
+                conn.send({"type": "notice", "text": notice})
             conn.close("server shutdown")
         for task in list(self._tasks):
             task.cancel()

@@ -278,7 +278,7 @@ class Wal:
 
     def _enqueue(self, pending: _Pending) -> asyncio.Future[None]:
         if self._failed is not None:
-            raise WalFailed(f"{self.path}: failed earlier: {self._failed}")
+            raise WalFailed(f"{self.path}: failed earlier: {self._failed}") from self._failed
         if self._closed:
             raise WalError(f"{self.path}: closed")
         self._queue.append(pending)
@@ -351,7 +351,9 @@ class Wal:
         self._failed = error
         for p in [*batch, *self._queue]:
             if not p.future.done():
-                p.future.set_exception(WalFailed(f"{self.path}: {error}"))
+                failed = WalFailed(f"{self.path}: {error}")
+                failed.__cause__ = error  # what it was (a full disk?) stays known
+                p.future.set_exception(failed)
         self._queue.clear()
         if self._log is not None:
             self._log.error("wal_failed", path=str(self.path), error=str(error))

@@ -213,7 +213,7 @@ def test_an_old_server_log_is_read_with_its_members_ops_bans_and_history(
     ])
 
     async def body() -> tuple[dict[str, str], list[str], bool, bool, int]:
-        local = LocalLog(path, WalSettings(), None, lambda why: None, keep=100)
+        local = LocalLog(path, WalSettings(), None, lambda why, status: None, keep=100)
         assert local.topic is not None
         room = Room("rust", local.store)
         out = (room.members(), [p.text for p in local.topic.last(10)], room.is_op("ANN"),
@@ -244,7 +244,7 @@ def test_an_old_router_log_is_read_with_its_sessions_and_topics(tmp_path: Path) 
     ])
 
     async def body() -> tuple[list[str], Session | None, Session | None, Any, Any]:
-        local = LocalLog(path, WalSettings(), None, lambda why: None)
+        local = LocalLog(path, WalSettings(), None, lambda why, status: None)
         d = Directory(local.store, ["rust", "python"], 300, clock=Clock())
         await d.repair()
         out = (d.topics, d.find_nick("ann"), d.find_nick("bobby"), d.find_nick("bob"),

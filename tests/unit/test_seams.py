@@ -43,7 +43,7 @@ class Stores:
     def __call__(self, clock: Clock | None = None) -> KvStore:
         if self.kind == "memory":
             return MemoryStore(clock=clock or Clock())
-        local = LocalLog(self.path, WalSettings(), None, lambda why: None)
+        local = LocalLog(self.path, WalSettings(), None, lambda why, status: None)
         self.opened.append(local)
         if clock is not None:
             local.store.clock = clock
@@ -132,7 +132,7 @@ def test_watchers_hear_changes_and_expiry_with_what_was_there(
 
 def test_a_local_store_gives_back_what_it_acknowledged(tmp_path: Path) -> None:
     async def write() -> None:
-        local = LocalLog(tmp_path / "d.wal", WalSettings(), None, lambda why: None)
+        local = LocalLog(tmp_path / "d.wal", WalSettings(), None, lambda why, status: None)
         await local.store.put("session/a", {"nick": "ann"}, ttl_s=60)
         e = await local.store.put("topic/go", {"creator": "ann"})
         await local.store.compare_and_set("topic/go", {"creator": "bob"}, e.revision)
@@ -141,7 +141,7 @@ def test_a_local_store_gives_back_what_it_acknowledged(tmp_path: Path) -> None:
         await local.close()
 
     async def read() -> dict[str, Any]:
-        local = LocalLog(tmp_path / "d.wal", WalSettings(), None, lambda why: None)
+        local = LocalLog(tmp_path / "d.wal", WalSettings(), None, lambda why, status: None)
         out = {e.key: (e.value, e.expires_at is not None) for e in local.store.range("")}
         rev = local.store.state.revision
         await local.close()
@@ -157,7 +157,7 @@ def test_a_local_store_gives_back_what_it_acknowledged(tmp_path: Path) -> None:
 def test_a_snapshot_keeps_both_seams_appended_lines_included(tmp_path: Path) -> None:
     async def write() -> None:
         local = LocalLog(tmp_path / "t.wal", WalSettings(snapshot_every=10), None,
-                         lambda why: None, keep=5)
+                         lambda why, status: None, keep=5)
         assert local.topic is not None
         for i in range(12):
             await local.store.put(f"member/s{i % 3}", {"nick": f"n{i}"})
@@ -166,7 +166,7 @@ def test_a_snapshot_keeps_both_seams_appended_lines_included(tmp_path: Path) -> 
         await local.close()
 
     async def read() -> tuple[list[str], int, dict[str, str]]:
-        local = LocalLog(tmp_path / "t.wal", WalSettings(), None, lambda why: None, keep=5)
+        local = LocalLog(tmp_path / "t.wal", WalSettings(), None, lambda why, status: None, keep=5)
         assert local.topic is not None
         texts = [p.text for p in local.topic.last(10)]
         nicks = {e.key: e.value["nick"] for e in local.store.range("member/")}
@@ -189,7 +189,7 @@ class Logs:
     def __call__(self, keep: int) -> TailLog:
         if self.kind == "memory":
             return MemoryTopicLog(keep)
-        local = LocalLog(self.path, WalSettings(), None, lambda why: None, keep=keep)
+        local = LocalLog(self.path, WalSettings(), None, lambda why, status: None, keep=keep)
         self.opened.append(local)
         assert local.topic is not None
         return local.topic

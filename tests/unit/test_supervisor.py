@@ -53,6 +53,7 @@ class Proc:
     alive: bool = True
     beating: bool = True
     stopped_cleanly: bool = False
+    status: int | None = None  # its exit status, once it exited
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     signals: list[int] = field(default_factory=list)
 
@@ -99,8 +100,9 @@ class FakeHost:
                     Beat("server", "rust", proc.name, proc.pid, proc.incarnation, seq, now), now)
             await asyncio.sleep(BEAT_MS / 1000)
 
-    def die(self, proc: Proc, clean: bool = False) -> None:
+    def die(self, proc: Proc, clean: bool = False, status: int | None = None) -> None:
         proc.alive = False
+        proc.status = 0 if clean else status
         if clean:
             proc.stopped_cleanly = True
             rec = self.pidfiles[proc.name]
@@ -138,11 +140,12 @@ class FakeHost:
         proc = self.procs.get(pid)
         return proc.start_time if proc and proc.alive else None
 
-    async def wait_exit(self, pid: int, started: int | None) -> None:
+    async def wait_exit(self, pid: int, started: int | None) -> int | None:
         proc = self.procs.get(pid)
-        if proc is None or not proc.alive or proc.start_time != started:
-            return
+        if proc is None or proc.start_time != started:
+            return None
         await proc.exited.wait()
+        return proc.status
 
     def signal(self, rec: PidRecord, sig: int) -> bool:
         if not self.alive(rec):
@@ -402,3 +405,26 @@ def test_stop_sends_sigterm_then_sigkill_after_the_child_specs_shutdown_time() -
     assert host.started[0].signals == [signal.SIGTERM, signal.SIGKILL]
     assert len(host.started) == 1  # stopped for good, not restarted
     assert "server@rust" not in host.watches
+
+
+def test_a_full_disk_is_no_crash_loop_the_child_is_retried_until_there_is_room() -> None:
+    """Exit status 4 (its state's filesystem is full): restarted at the longest backoff,
+    never counted against the intensity, however long it lasts."""
+    async def scenario(sup: Supervisor, host: FakeHost, log: Log) -> None:
+        sup.add(spec())
+        for n in range(1, 12):  # twice the intensity limit
+            await until(lambda n=n: len(host.started) == n)  # type: ignore[misc]
+            await asyncio.sleep(0.05)
+            host.die(host.started[-1], status=4)
+        await until(lambda: len(host.started) == 12)
+        await asyncio.sleep(1.0)  # room again: this one lives
+        host.die(host.started[-1])  # and a crash now is a crash, counted from zero
+        await until(lambda: len(host.started) == 13)
+
+    gave_up: list[str] = []
+    _, log = supervise(scenario, gave_up=gave_up)
+    assert gave_up == [] and not log.named("gave_up")
+    causes = [d["cause"] for d in log.named("peer_declared_dead")]
+    assert causes == ["no_space"] * 11 + ["exit"]
+    delays = [r["delay_ms"] for r in log.named("restarting")]
+    assert delays == [SETTINGS.backoff_max_ms] * 11 + [0]
