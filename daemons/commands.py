@@ -101,6 +101,11 @@ class Commands:
         conn.send({"type": "ok", "cmd": "msg", "to": to, "text": f"sent to {to}"})
 
     @staticmethod
+    def created(conn: Conn, topic: str) -> None:
+        conn.send({"type": "ok", "cmd": "create", "topic": topic,
+                   "text": f"topic {topic} created; you are its operator"})
+
+    @staticmethod
     def nick_ok(conn: Conn, nick: str) -> None:
         conn.send({"type": "ok", "cmd": "nick", "nick": nick, "text": f"you are now {nick}"})
 

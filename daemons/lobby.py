@@ -208,8 +208,7 @@ class Lobby(Commands):
         if self.failed(conn, reply):
             return
         topic = str(reply["topic"])
-        conn.send({"type": "ok", "cmd": "create", "topic": topic,
-                   "text": f"topic {topic} created; you are its operator"})
+        self.created(conn, topic)
         await self.move_to(conn, topic)
 
     def cmd_oper(self, conn: Conn, cmd: Command) -> Pending:

@@ -496,5 +496,7 @@ class Supervisor:
     async def close(self) -> None:
         for child in self.children.values():
             self.manager.drop_standby(child.spec)
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

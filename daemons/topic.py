@@ -220,8 +220,7 @@ class TopicCommands(Commands):
         if self.failed(conn, reply):
             return
         topic = str(reply["topic"])
-        conn.send({"type": "ok", "cmd": "create", "topic": topic,
-                   "text": f"topic {topic} created; you are its operator"})
+        self.created(conn, topic)
         await self.move(conn, topic)
 
     def cmd_oper(self, conn: Conn, cmd: Command) -> Pending:

@@ -193,6 +193,9 @@ def supervise(scenario: Scenario, settings: Supervision = SETTINGS,
             await scenario(sup, host, log)
         finally:
             await sup.close()
+            for task in list(host.tasks):
+                task.cancel()
+            await asyncio.gather(*host.tasks, return_exceptions=True)
 
     virtual.run(main())
     return host, log
