@@ -23,23 +23,25 @@ class Journal:
         self._every = settings.snapshot_every
         self._snapshot = snapshot
         self._on_fail = on_fail
+        self.wal.on_fail = self._failed  # once, not a callback on every record
         self._compacting: asyncio.Future[None] | None = None
-        self._last: asyncio.Future[None] | None = None
+        self._last: asyncio.Future[Any] | None = None
 
-    def append(self, rec: Record) -> asyncio.Future[None]:
+    def append(self, rec: Record, result: Any = None,
+               on_durable: Callable[[], None] | None = None) -> asyncio.Future[Any]:
         """Append a record; the future completes once it is durable (`wal.fsync`), or
-        fails (WalError) if it cannot be: after a failure, at once.
+        fails (WalError) if it cannot be: after a failure, at once. It resolves to
+        `result`, and `on_durable()` runs just before (not at all on a failure).
 
         The caller has already applied `rec` to its state, so a snapshot taken now
         covers every record appended so far.
         """
         try:
-            fut = self.wal.append_nowait(rec)
+            fut = self.wal.append_nowait(rec, result, on_durable)
         except WalError as e:  # failed earlier (or closed): the caller hears it the same way
-            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             failed.set_exception(e)
             return failed
-        fut.add_done_callback(self._check)
         self._last = fut
         if self._compacting is None and self.wal.records_since_snapshot >= self._every:
             self._compacting = self.wal.compact(self._snapshot())
@@ -52,14 +54,12 @@ class Journal:
             with contextlib.suppress(WalFailed):
                 await asyncio.shield(self._last)
 
-    def _check(self, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() and (e := fut.exception()) is not None:
-            status = procs.EXIT_NO_SPACE if procs.no_space(e) else 1
-            self._on_fail(f"write-ahead log failed: {e}", status)
+    def _failed(self, error: Exception) -> None:
+        status = procs.EXIT_NO_SPACE if procs.no_space(error) else 1
+        self._on_fail(f"write-ahead log failed: {error}", status)
 
-    def _compacted(self, fut: asyncio.Future[None]) -> None:
+    def _compacted(self, fut: asyncio.Future[Any]) -> None:
         self._compacting = None
-        self._check(fut)
 
     async def close(self) -> None:
         with contextlib.suppress(WalFailed):

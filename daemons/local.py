@@ -45,6 +45,10 @@ class LocalLog:
     def append(self, record: Put | Delete | Message) -> asyncio.Future[None]:
         return self.journal.append(record.encode())
 
+    def append_posted(self, entry: Posted, result: Any = None,
+                      on_durable: Callable[[], None] | None = None) -> asyncio.Future[Any]:
+        return self.journal.append(Message.encode_posted(entry), result, on_durable)
+
     async def close(self) -> None:
         await self.store.close()
         await self.journal.close()
@@ -92,9 +96,9 @@ class LocalTopicLog(TailLog):
         super().__init__(wal.state.tail)
         self._wal = wal
 
-    def _persist(self, entries: list[Posted]) -> asyncio.Future[None]:
-        durable: asyncio.Future[None] | None = None
-        for e in entries:  # the log writes in order: the last one durable means all are
-            durable = self._wal.append(Message.of(e))
-        assert durable is not None
-        return durable
+    def _persist(self, entries: list[Posted],
+                 on_durable: Callable[[], None]) -> asyncio.Future[list[Posted]]:
+        # The log writes in order: the last one durable means all are.
+        for e in entries[:-1]:
+            self._wal.append_posted(e)
+        return self._wal.append_posted(entries[-1], entries, on_durable)

@@ -98,12 +98,17 @@ class Message:
         return Posted(self.seq, self.ts, self.nick, self.text, self.action, self.sid)
 
     def encode(self) -> dict[str, Any]:
-        rec: dict[str, Any] = {"type": "msg", "seq": self.seq, "from": self.nick,
-                               "text": self.text, "ts": self.ts}
-        if self.action:
+        return Message.encode_posted(self.posted())
+
+    @staticmethod
+    def encode_posted(p: Posted) -> dict[str, Any]:
+        """The record of an entry, built straight from it: the write path of every line."""
+        rec: dict[str, Any] = {"type": "msg", "seq": p.seq, "from": p.nick, "text": p.text,
+                               "ts": p.ts}
+        if p.action:
             rec["action"] = True
-        if self.sid:
-            rec["sid"] = self.sid
+        if p.sid:
+            rec["sid"] = p.sid
         return rec
 
     @classmethod
@@ -136,7 +141,7 @@ class Snapshot:
         log = None
         if state.tail is not None:  # appended ones too: their records precede the snapshot
             log = {"next_seq": state.tail.next_seq,
-                   "entries": [Message.of(p).encode() for p in state.tail.entries]}
+                   "entries": [Message.encode_posted(p) for p in state.tail.entries]}
         return cls(kv, log)
 
     def encode(self) -> dict[str, Any]:

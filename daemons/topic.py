@@ -74,10 +74,15 @@ class TopicCommands(Commands):
         per mode."""
         by_mode: tuple[list[ClientConn], list[ClientConn]] = ([], [])  # text, JSON
         conns = self.sockets.conns
-        for sid in conns if only is None else only:
-            conn = conns.get(sid)
-            if sid != skip and conn is not None:
-                by_mode[conn.json].append(conn)
+        if only is None:  # a message: every member, the hot path
+            for sid, conn in conns.items():
+                if sid != skip:
+                    by_mode[conn.json].append(conn)
+        else:
+            for sid in only:
+                member = conns.get(sid)
+                if sid != skip and member is not None:
+                    by_mode[member.json].append(member)
         for mode, group in enumerate(by_mode):
             if group:
                 ClientConn.write_each(group, render.encode(event, bool(mode)))

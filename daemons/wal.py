@@ -60,8 +60,10 @@ class Replay:
 
 class _Pending(NamedTuple):
     data: bytes
-    future: asyncio.Future[None]
+    future: asyncio.Future[Any]
     snapshot: bool
+    result: Any = None  # what the future is resolved with once the record is durable
+    on_durable: Callable[[], None] | None = None  # called then, before anyone hears
 
 
 # json.dumps with options builds a new encoder at every call; records use this one.
@@ -217,6 +219,7 @@ class Wal:
         self._durable = size  # where a failed write cuts the file back to
         self._failed: Exception | None = None
         self._closed = False
+        self.on_fail: Callable[[Exception], None] | None = None  # told once, on the failure
 
     @classmethod
     def open(cls, path: Path, fsync: str = "batch", log: Any = None) -> tuple[Wal, Replay]:
@@ -246,10 +249,14 @@ class Wal:
         """Return once `record` is durable as the fsync mode defines it."""
         await self.append_nowait(record)
 
-    def append_nowait(self, record: Record) -> asyncio.Future[None]:
-        """Queue `record` now (so records land in call order); the future says when durable."""
+    def append_nowait(self, record: Record, result: Any = None,
+                      on_durable: Callable[[], None] | None = None) -> asyncio.Future[Any]:
+        """Queue `record` now (so records land in call order); the future says when it is
+        durable, with `result`, and `on_durable()` runs just before it does (one future per
+        record: the caller needs no other)."""
         data = encode(record)
-        future = self._enqueue(_Pending(data, asyncio.get_running_loop().create_future(), False))
+        future = self._enqueue(_Pending(data, asyncio.get_running_loop().create_future(),
+                                        False, result, on_durable))
         self.size += len(data)
         self.records_since_snapshot += 1
         return future
@@ -276,7 +283,7 @@ class Wal:
         os.close(self._fd)
         os.close(self._lock_fd)
 
-    def _enqueue(self, pending: _Pending) -> asyncio.Future[None]:
+    def _enqueue(self, pending: _Pending) -> asyncio.Future[Any]:
         if self._failed is not None:
             raise WalFailed(f"{self.path}: failed earlier: {self._failed}") from self._failed
         if self._closed:
@@ -298,7 +305,9 @@ class Wal:
                 else:
                     for p in batch:
                         if not p.future.done():  # the appender may have been cancelled
-                            p.future.set_result(None)
+                            if p.on_durable is not None:
+                                p.on_durable()
+                            p.future.set_result(p.result)
         finally:
             self._flusher = None
 
@@ -357,3 +366,5 @@ class Wal:
         self._queue.clear()
         if self._log is not None:
             self._log.error("wal_failed", path=str(self.path), error=str(error))
+        if self.on_fail is not None:
+            self.on_fail(error)

@@ -5,7 +5,7 @@ what it acknowledged. The same behaviour tests run against both."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -241,15 +241,22 @@ def test_history_is_bounded_and_numbers_go_on_without_it(
 
 def test_reads_see_committed_entries_only() -> None:
     class Slow(MemoryTopicLog):
-        def _persist(self, entries: list[Posted]) -> asyncio.Future[None]:
-            self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        def _persist(self, entries: list[Posted],
+                     on_durable: Callable[[], None]) -> asyncio.Future[list[Posted]]:
+            self.gate: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
+
+            def release() -> None:  # as a log does it: committed, then told
+                on_durable()
+                self.gate.set_result(entries)
+
+            self.release = release
             return self.gate
 
     async def body() -> None:
         log = Slow()
         appended = log.append([Draft("a", "ann", "in flight", 0.0)])
         assert log.last(5) == [] and log.after(0) == [] and log.last_seq == 0
-        log.gate.set_result(None)
+        log.release()
         await appended
         assert [p.text for p in log.last(5)] == ["in flight"]
 
@@ -258,8 +265,9 @@ def test_reads_see_committed_entries_only() -> None:
 
 def test_a_failed_append_commits_nothing_and_says_so() -> None:
     class Broken(MemoryTopicLog):
-        def _persist(self, entries: list[Posted]) -> asyncio.Future[None]:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        def _persist(self, entries: list[Posted],
+                     on_durable: Callable[[], None]) -> asyncio.Future[list[Posted]]:
+            fut: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
             fut.set_exception(wal.WalFailed("disk full"))
             return fut
 

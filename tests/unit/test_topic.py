@@ -69,8 +69,9 @@ def test_a_line_reaches_the_others_once_committed_and_its_sender_is_acknowledged
 
 def test_a_line_the_log_cannot_take_gets_an_error_and_reaches_nobody() -> None:
     class Full(MemoryTopicLog):
-        def _persist(self, entries: list[Posted]) -> asyncio.Future[None]:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        def _persist(self, entries: list[Posted],
+                     on_durable: Callable[[], None]) -> asyncio.Future[list[Posted]]:
+            fut: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
             fut.set_exception(wal.WalFailed("No space left on device"))
             return fut
 
