@@ -126,6 +126,24 @@ class Operator:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """Several hosts on etcd (docs/cluster.md). Without this section: one host."""
+
+    name: str  # the key prefix in etcd (/theychat/NAME/): clusters may share an etcd
+    host: str  # this host's id, unique in the cluster
+    etcd: list[str]  # client URLs of the etcd members (http://10.0.0.1:2379, ...)
+    advertise: str  # the address the other hosts reach this one on
+    key_file: str  # the shared secret of links and heartbeats (theychat cluster-key FILE)
+    port: int = field(default=7100, metadata=_range(1, 65535))  # links (TCP), beats (UDP)
+    # Where clients find the cluster: every host's client port (theychat chat --config).
+    front_doors: list[str] = field(default_factory=list)
+    # The host's lease in etcd: what its sequencer keys live by when nobody revokes it.
+    lease_ttl_s: int = field(default=3, metadata=_range(2, 600))
+    # Cut off from etcd this long, a host closes its clients so they move elsewhere.
+    lost_after_s: float = field(default=5.0, metadata=_range(1.0, 3600))
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str | None = None
     listen: Listen = field(default_factory=Listen)
@@ -138,6 +156,7 @@ class Config:
     supervision: Supervision = field(default_factory=Supervision)
     wal: WalSettings = field(default_factory=WalSettings)
     sessions: Sessions = field(default_factory=Sessions)
+    cluster: Cluster | None = None
 
     def resolved_state_dir(self) -> Path:
         """Where this tree keeps its state: the config, then systemd, then XDG."""
@@ -207,6 +226,10 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
             known = ", ".join(sorted(fields))
             shown = k if isinstance(k, str) and k.isprintable() else repr(k)
             raise ConfigError(f"{prefix}{shown}: unknown key (known keys here: {known})")
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in data:
+            raise ConfigError(f"{prefix}{name}: required")
     kwargs = {
         name: _convert(data[name], hints[name], prefix + name, f.metadata)
         for name, f in fields.items()
@@ -249,6 +272,31 @@ def _check(cfg: Config, topics_key: str) -> None:
         raise ConfigError("listen.tls.plain_port: only with listen.tls.cert and key")
     if tls.plain_port == cfg.listen.port:
         raise ConfigError("listen.tls.plain_port: must differ from listen.port")
+    if cfg.cluster is not None:
+        _check_cluster(cfg.cluster)
+
+
+def _check_cluster(c: Cluster) -> None:
+    for key in ("name", "host"):
+        if not valid_name(getattr(c, key)):
+            raise ConfigError(f"cluster.{key}: {getattr(c, key)!r} is not 1-32 of "
+                              "A-Z a-z 0-9 _ -")
+    if not c.etcd:
+        raise ConfigError("cluster.etcd: expected at least one endpoint URL")
+    for i, url in enumerate(c.etcd):
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "/" in rest.rstrip("/"):
+            raise ConfigError(f"cluster.etcd[{i}]: {url!r} is not an URL such as "
+                              "http://10.0.0.1:2379")
+    if not c.advertise or any(ch.isspace() for ch in c.advertise):
+        raise ConfigError("cluster.advertise: expected this host's address, as the others "
+                          "reach it")
+    if not c.key_file:
+        raise ConfigError("cluster.key_file: expected a path (theychat cluster-key FILE)")
+    for i, door in enumerate(c.front_doors):
+        host, sep, port = door.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"cluster.front_doors[{i}]: {door!r} is not HOST:PORT")
 
 
 def from_mapping(data: Any) -> Config:

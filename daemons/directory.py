@@ -4,9 +4,9 @@ store (`store.py`) and nowhere else.
 A person's facts (nick, where they are, server-operator rights, the address they came
 from) live in their session's entry; every other place holds only the session id. Keys:
 
-    session/SID       {"nick", "topic", "detached_at", "oper", "addr"}   expires once
-                      detached for `sessions.expiry_s` (a time to live on the entry)
-    nick/FOLDED       {"sid"}      created if absent: one session per nick
+    session/SID       {"nick", "topic", "detached_at", "oper", "addr", "host"}  expires
+                      once detached for `sessions.expiry_s` (a time to live on the entry)
+    nick/FOLDED       {"sid", "at"}  created if absent: one session per nick
     topic/NAME        {"creator"}  a topic made with /create
     dropped/NAME      {}           a configured topic that was dropped
 
@@ -31,6 +31,9 @@ NICK = "nick/"
 TOPIC = "topic/"
 DROPPED = "dropped/"
 CAS_TRIES = 10  # an update whose entry keeps moving gives up after this many tries
+# A nick claim whose session does not name it is an orphan (its router died between the
+# two writes) only once it is this old: in a cluster, another host may be between them.
+ORPHAN_AFTER_S = 60.0
 
 
 class NickTaken(Exception):
@@ -59,10 +62,11 @@ class Session:
     detached_at: float | None = None  # wall time its connection went; None: connected
     oper: bool = False  # a server operator (/oper)
     addr: str = ""  # the address its connection comes from
+    host: str = ""  # the host that holds its connection (cluster mode; "" on one host)
 
     def value(self) -> dict[str, Any]:
         return {"nick": self.nick, "topic": self.topic, "detached_at": self.detached_at,
-                "oper": self.oper, "addr": self.addr}
+                "oper": self.oper, "addr": self.addr, "host": self.host}
 
     @classmethod
     def of(cls, entry: Entry) -> Session | None:
@@ -72,14 +76,15 @@ class Session:
             return None
         return cls(entry.key[len(SESSION):], nick, topic if isinstance(topic, str) else None,
                    float(at) if isinstance(at, int | float) else None, v.get("oper") is True,
-                   str(v.get("addr") or ""))
+                   str(v.get("addr") or ""), str(v.get("host") or ""))
 
 
 class Directory:
     def __init__(self, store: DirectoryStore, configured: list[str], expiry_s: float,
                  rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, host: str = "") -> None:
         self.store = store
+        self.host = host  # ours, in cluster mode: the sessions whose connections we hold
         self.configured = list(configured)
         self.expiry_s = expiry_s
         self._rng = rng or random.Random()
@@ -134,8 +139,10 @@ class Directory:
         found = self.session(sid) if isinstance(sid, str) else None
         return found if found and fold(found.nick) == fold(nick) else None
 
-    def in_topic(self, topic: str | None) -> list[Session]:
-        return [s for s in self.sessions() if s.topic == topic]
+    def in_topic(self, topic: str | None, here: bool = False) -> list[Session]:
+        """The sessions placed in `topic` (None: the lobby); `here`: of our host only."""
+        return [s for s in self.sessions()
+                if s.topic == topic and (not here or s.host == self.host)]
 
     def connected_from(self, addr: str) -> int:
         """Sessions connected now from this address (for clients.max_per_address)."""
@@ -153,19 +160,27 @@ class Directory:
     async def _claim(self, sid: str, nick: str) -> None:
         """Take `nick` for `sid` (or find it already ours); NickTaken if it is someone's."""
         key = nick_key(nick)
-        if await self.store.create(key, {"sid": sid}) is not None:
+        claim = {"sid": sid, "at": self.clock()}
+        if await self.store.create(key, claim) is not None:
             return
         holder = self.store.get(key)
         if holder is None or holder.value.get("sid") == sid:
             if holder is None:
                 await self._claim(sid, nick)  # released meanwhile: try again
             return
-        owner = holder.value.get("sid")
-        orphaned = not isinstance(owner, str) or self.session(owner) is None
-        # A claim whose session is gone (it ended while the router died) is free.
-        if orphaned and await self.store.compare_and_set(key, {"sid": sid}, holder.revision):
+        # A claim whose session does not name it (the router died between) is free.
+        if self._orphan(holder) and await self.store.compare_and_set(key, claim,
+                                                                    holder.revision):
             return
         raise NickTaken(nick)
+
+    def _orphan(self, claim: Entry) -> bool:
+        sid, at = claim.value.get("sid"), claim.value.get("at")
+        owner = self.session(sid) if isinstance(sid, str) else None
+        if owner is not None and nick_key(owner.nick) == claim.key:
+            return False
+        old = not isinstance(at, int | float) or self.clock() - at > ORPHAN_AFTER_S
+        return old or not self.host
 
     async def _release(self, sid: str, nick: str) -> None:
         claim = self.store.get(nick_key(nick))
@@ -200,7 +215,7 @@ class Directory:
                 break
             except NickTaken:
                 continue
-        session = Session(sid, nick, addr=addr)
+        session = Session(sid, nick, addr=addr, host=self.host)
         await self.store.put(session_key(sid), session.value())
         return session
 
@@ -213,10 +228,11 @@ class Directory:
             if old is not None:
                 await self._release(sid, old.nick)
         if old is None:
-            new = Session(sid, nick, topic, addr=addr)
+            new = Session(sid, nick, topic, addr=addr, host=self.host)
             await self.store.put(session_key(sid), new.value())
             return new
-        updated = await self._update(sid, nick=nick, topic=topic, detached_at=None)
+        updated = await self._update(sid, nick=nick, topic=topic, detached_at=None,
+                                     host=self.host)
         assert updated is not None
         return updated
 
@@ -232,7 +248,11 @@ class Directory:
         return current.nick
 
     async def move(self, sid: str, topic: str | None) -> Session | None:
-        return await self._update(sid, topic=topic)
+        return await self._update(sid, topic=topic, host=self.host)
+
+    def on_change(self, prefix: str, callback: Callable[[Change], None]) -> None:
+        """Follow the directory's keys under `prefix` (SESSION, TOPIC, DROPPED, ...)."""
+        self.store.watch(prefix, callback)
 
     async def detach(self, sid: str) -> Session | None:
         """The connection is gone; the session (and its nick) waits to be resumed."""
@@ -242,8 +262,9 @@ class Directory:
         return await self._update(sid, detached_at=self.clock())
 
     async def attach(self, sid: str, addr: str, topic: str | None = None) -> Session | None:
-        """A connection holds the session again (a resume)."""
-        return await self._update(sid, detached_at=None, addr=addr, topic=topic)
+        """A connection (of our host) holds the session again (a resume)."""
+        return await self._update(sid, detached_at=None, addr=addr, topic=topic,
+                                  host=self.host)
 
     async def grant_oper(self, sid: str) -> Session | None:
         return await self._update(sid, oper=True)
@@ -272,16 +293,14 @@ class Directory:
 
     async def repair(self) -> None:
         """At start: a detached session without its time to live (a log of an earlier
-        version) gets it; a nick claim whose session is gone is released."""
+        version) gets it; a nick claim whose session does not name it is released."""
         for s in self.sessions():
             entry = self.store.get(session_key(s.sid))
             if s.detached_at is not None and entry is not None and entry.expires_at is None:
                 await self.store.compare_and_set(entry.key, s.value(), entry.revision,
                                                  self._ttl(s))
         for claim in self.store.range(NICK):
-            sid = claim.value.get("sid")
-            owner = self.session(sid) if isinstance(sid, str) else None
-            if owner is None or nick_key(owner.nick) != claim.key:
+            if self._orphan(claim):
                 await self.store.delete(claim.key, claim.revision)
 
 

@@ -79,7 +79,7 @@ def load_or_create_key(path: Path) -> bytes:
     win and the earlier ones would keep a key nobody else has.
     """
     try:
-        return _read_key(path)
+        return read_key(path)
     except FileNotFoundError:
         pass
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
@@ -106,42 +106,60 @@ def load_or_create_key(path: Path) -> bytes:
             os.unlink(tmp)
     _fsync_dir(path.parent)
     try:
-        return _read_key(path)
+        return read_key(path)
     except FileNotFoundError as e:
         # Only someone deleting it right after it was linked gets us here.
         raise HeartbeatKeyError(f"{path}: the heartbeat key vanished while created") from e
 
 
-def _read_key(path: Path) -> bytes:
-    """Read and check the key; FileNotFoundError means "create it", all else refuses."""
+def read_key(path: Path, what: str = "the heartbeat key") -> bytes:
+    """Read and check a key file; FileNotFoundError means "create it", all else refuses."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
     except OSError as e:
-        raise HeartbeatKeyError(f"{path}: cannot open the heartbeat key: {e}") from e
+        raise HeartbeatKeyError(f"{path}: cannot open {what}: {e}") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise HeartbeatKeyError(f"{path}: the heartbeat key is not a regular file")
+            raise HeartbeatKeyError(f"{path}: {what} is not a regular file")
         if st.st_mode & 0o077:
             raise HeartbeatKeyError(
-                f"{path}: the heartbeat key is readable by others "
+                f"{path}: {what} is readable by others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}, must be 0600)"
             )
         if st.st_uid != os.geteuid():
-            raise HeartbeatKeyError(f"{path}: the heartbeat key belongs to uid {st.st_uid}")
+            raise HeartbeatKeyError(f"{path}: {what} belongs to uid {st.st_uid}")
         data = os.read(fd, KEY_BYTES + 1)
     except OSError as e:
-        raise HeartbeatKeyError(f"{path}: cannot read the heartbeat key: {e}") from e
+        raise HeartbeatKeyError(f"{path}: cannot read {what}: {e}") from e
     finally:
         os.close(fd)
     if len(data) != KEY_BYTES:
         raise HeartbeatKeyError(
-            f"{path}: the heartbeat key has the wrong length "
+            f"{path}: {what} has the wrong length "
             f"({len(data)}{'+' if len(data) > KEY_BYTES else ''} bytes, must be {KEY_BYTES})"
         )
     return data
+
+
+def create_key(path: Path, what: str = "a key") -> None:
+    """A new random key in a new file, 0600; refuses to replace a file that exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except FileExistsError:
+        raise HeartbeatKeyError(f"{path}: exists already (a key is never replaced)") from None
+    except OSError as e:
+        raise HeartbeatKeyError(f"{path}: cannot create {what}: {e.strerror or e}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secrets.token_bytes(KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -23,7 +23,7 @@ from theychat.daemons.commands import Commands, Conn, Pending, handoff_error
 from theychat.daemons.config import Config
 from theychat.daemons.control import Message, check, fail, ok
 from theychat.daemons.directory import Directory, NickTaken, Session
-from theychat.daemons.errors import ControlError
+from theychat.daemons.errors import ControlError, TheyChatError
 from theychat.daemons.handoff import Sockets
 from theychat.daemons.peers import Peers
 from theychat.daemons.protocol import Command, fold
@@ -87,7 +87,13 @@ class Lobby(Commands):
         self.log.warning("client_refused", reason=reason, peer=conn.peer)
 
     async def _welcome(self, conn: ClientConn) -> None:
-        session = await self.dir.open_session(conn.sid, conn.addr)
+        try:
+            session = await self.dir.open_session(conn.sid, conn.addr)
+        except TheyChatError as e:  # etcd does not answer (cluster mode): not here, then
+            self._refuse(conn, "no directory", "this host cannot take you now (it lost the "
+                         "cluster); try another host")
+            self.log.warning("command_unavailable", session=conn.sid, error=str(e))
+            return
         kept = self.sockets.hold(conn)
         self.log.info("client_connected", session=conn.sid, nick=session.nick, peer=conn.peer)
         # Greet only once our monitor holds the socket: from then on a router restart
@@ -261,18 +267,38 @@ class Lobby(Commands):
         if target is None:
             return fail("no_such_nick", f"no one is called {op.to}")
         event = self.dm_event(self.nick(op.sid), target.nick, op.text, time.time())
-        if target.topic is None:
-            conn = self.sockets.get(target.sid)
-            if conn is None:
-                return fail("no_such_nick", f"no one is called {op.to}")
-            conn.send(event)
-            return ok(to=target.nick)
+        deliver = ops.Deliver(sid=target.sid, event=event)
+        if target.topic is None and target.host == self.dir.host:
+            return self.deliver_here(deliver)
         try:
-            reply = await self.peers.ask(holder(target.topic),
-                                         ops.Deliver(sid=target.sid, event=event))
+            reply = await self.peers.ask(holder(target.topic), deliver, host=target.host)
         except ControlError:
             return fail("unavailable", f"{target.nick} cannot be reached right now")
         return ok(to=target.nick) if reply.get("ok") else reply
+
+    def deliver_here(self, op: ops.Deliver) -> Message:
+        """A direct message for someone in our lobby."""
+        conn = self.sockets.get(op.sid)
+        if conn is None:
+            return fail("no_such_nick", "that person just left")
+        conn.send(op.event)
+        return ok(to=self.nick(op.sid))
+
+    def drop_session(self, op: ops.DropSession) -> Message:
+        """Another host's connection took this lobby session over."""
+        old = self.sockets.get(op.sid)
+        if old is not None:
+            self.sockets.lost(old)
+            old.send({"type": "notice", "text": "this session was resumed elsewhere"})
+            old.close("resumed elsewhere")
+        return ok(dropped=old is not None)
+
+    def lost_cluster(self, notice: str) -> None:
+        """Our host is cut off: every lobby client goes (our monitor's copies too)."""
+        for conn in self.sockets:
+            self.sockets.lost(conn)
+            conn.send({"type": "notice", "text": notice})
+            conn.close("lost the cluster")
 
     # -- resuming a session -----------------------------------------------------------------
 
@@ -290,17 +316,14 @@ class Lobby(Commands):
         a dead TCP connection nobody noticed yet. False if its holder cannot be asked."""
         if s.detached_at is not None:
             return True
-        if s.topic is None:
-            old = self.sockets.get(s.sid)
-            if old is not None:
-                self.sockets.lost(old)
-                old.send({"type": "notice", "text": "this session was resumed elsewhere"})
-                old.close("resumed elsewhere")
+        if s.topic is None and s.host == self.dir.host:
+            self.drop_session(ops.DropSession(sid=s.sid))
             return True
         try:
-            check(await self.peers.ask(holder(s.topic), ops.DropSession(sid=s.sid)))
+            check(await self.peers.ask(holder(s.topic), ops.DropSession(sid=s.sid),
+                                       host=s.host))
         except ControlError:
-            return False
+            return s.host != self.dir.host  # another host's: taken over all the same
         return True
 
     async def _resume(self, conn: Any, s: Session, last_seq: int | None) -> None:
@@ -351,7 +374,8 @@ class Lobby(Commands):
 
     async def expire(self, s: Session) -> None:
         await self.dir.release_expired(s)
-        self.log.info("session_expired", session=s.sid, nick=s.nick)
+        if s.host == self.dir.host:  # every router hears it; the one that had it says so
+            self.log.info("session_expired", session=s.sid, nick=s.nick)
 
     async def close(self) -> None:
         """A shutdown is not a departure: the sessions stay as they are, and the next

@@ -242,6 +242,29 @@ class Evacuate(Op, name="evacuate"):
     notice: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Kick(Op, name="kick"):
+    """Kick a member whose socket this server holds (asked from another host)."""
+
+    sid: str = field(metadata=_sid())
+    by: str = field(metadata=_name("a nick"))
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TakeLink(Op, name="take_link"):
+    """A link from a follower on another host (the fd attached), for the sequencer."""
+
+    pending: str = ""  # hex: what the router read past the routing line
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterLost(Op, name="cluster_lost"):
+    """This host is cut off from the cluster: close every client, with this notice."""
+
+    notice: str
+
+
 # --- monitors ------------------------------------------------------------------------
 
 

@@ -89,13 +89,15 @@ class Message:
     text: str
     action: bool = False
     sid: str | None = None
+    line: int | None = None
 
     @classmethod
     def of(cls, p: Posted) -> Message:
-        return cls(p.seq, p.ts, p.nick, p.text, p.action, p.sid)
+        return cls(p.seq, p.ts, p.nick, p.text, p.action, p.sid, p.line)
 
     def posted(self) -> Posted:
-        return Posted(self.seq, self.ts, self.nick, self.text, self.action, self.sid)
+        return Posted(self.seq, self.ts, self.nick, self.text, self.action, self.sid,
+                      self.line)
 
     def encode(self) -> dict[str, Any]:
         return Message.encode_posted(self.posted())
@@ -109,6 +111,8 @@ class Message:
             rec["action"] = True
         if p.sid:
             rec["sid"] = p.sid
+        if p.line is not None:
+            rec["line"] = p.line
         return rec
 
     @classmethod
@@ -116,9 +120,10 @@ class Message:
         seq, ts, nick, text = rec.get("seq"), rec.get("ts"), rec.get("from"), rec.get("text")
         if not (_int(seq) and isinstance(nick, str) and isinstance(text, str)):
             return None
-        sid = rec.get("sid")
+        sid, line = rec.get("sid"), rec.get("line")
         return cls(seq, float(ts) if isinstance(ts, int | float) else 0.0, nick, text,
-                   rec.get("action") is True, sid if isinstance(sid, str) else None)
+                   rec.get("action") is True, sid if isinstance(sid, str) else None,
+                   line if _int(line) else None)
 
     def apply(self, state: LogState) -> None:
         if state.tail is not None:  # in the log: committed

@@ -3,9 +3,10 @@
 The topic's messages are in its topic log (`topiclog.py`); this holds who is here and
 who may do what. Keys (under the topic's own store):
 
-    member/SID       {"nick"}   in this topic now (the nick as shown here)
+    member/SID       {"nick", "host"}   in this topic now (the nick as shown here; the
+                     host that holds its connection, in cluster mode)
     op/FOLDED        {}         an operator of this topic (its creator)
-    ban/FOLDED       {"by"}     kept out of this topic
+    ban/FOLDED       {"by", "host"}   kept out of this topic (by whom, on which host)
 
 A member's nick is the topic's record of who said what: it changes only after the
 directory (the router's) granted the new nick.
@@ -28,8 +29,8 @@ def member_key(sid: str) -> str:
     return MEMBER + sid
 
 
-def member_value(nick: str) -> dict[str, Any]:
-    return {"nick": nick}
+def member_value(nick: str, host: str = "") -> dict[str, Any]:
+    return {"nick": nick, "host": host}
 
 
 def op_key(nick: str) -> str:
@@ -41,13 +42,23 @@ def ban_key(nick: str) -> str:
 
 
 class Room:
-    def __init__(self, topic: str, store: DirectoryStore) -> None:
+    def __init__(self, topic: str, store: DirectoryStore, host: str = "") -> None:
         self.topic = topic
         self.store = store
+        self.host = host  # ours (cluster mode): the members whose sockets we hold
 
     def members(self) -> dict[str, str]:
         """Session id -> nick of everyone in the topic."""
         return {e.key[len(MEMBER):]: str(e.value.get("nick")) for e in self.store.range(MEMBER)}
+
+    def here(self) -> dict[str, str]:
+        """Session id -> nick of the members our host holds."""
+        return {e.key[len(MEMBER):]: str(e.value.get("nick")) for e in self.store.range(MEMBER)
+                if str(e.value.get("host") or "") == self.host}
+
+    def host_of(self, sid: str) -> str:
+        entry = self.store.get(member_key(sid))
+        return str(entry.value.get("host") or "") if entry else ""
 
     def nick_of(self, sid: str) -> str | None:
         entry = self.store.get(member_key(sid))
@@ -62,6 +73,9 @@ class Room:
         key = fold(nick)
         return next(((sid, n) for sid, n in self.members().items() if fold(n) == key), None)
 
+    def find_folded(self, folded: str) -> tuple[str, str] | None:
+        return next(((sid, n) for sid, n in self.members().items() if fold(n) == folded), None)
+
     def member_list(self) -> list[dict[str, str]]:
         return [{"sid": sid, "nick": nick} for sid, nick in self.members().items()]
 
@@ -72,17 +86,18 @@ class Room:
         return self.store.get(ban_key(nick)) is not None
 
     def join(self, sid: str, nick: str) -> Awaitable[Entry]:
-        return self.store.put(member_key(sid), member_value(nick))
+        return self.store.put(member_key(sid), member_value(nick, self.host))
 
     def leave(self, sid: str) -> Awaitable[bool]:
         return self.store.delete(member_key(sid))
 
     def rename(self, sid: str, nick: str) -> tuple[str | None, Awaitable[Entry]]:
         """(the old nick, the write): the directory already granted `nick`."""
-        return self.nick_of(sid), self.store.put(member_key(sid), member_value(nick))
+        return self.nick_of(sid), self.store.put(member_key(sid),
+                                                 member_value(nick, self.host_of(sid)))
 
     def add_op(self, nick: str) -> Awaitable[Entry | None]:
         return self.store.create(op_key(nick), {})
 
     def ban(self, nick: str, by: str) -> Awaitable[Entry]:
-        return self.store.put(ban_key(nick), {"by": by})
+        return self.store.put(ban_key(nick), {"by": by, "host": self.host})

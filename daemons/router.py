@@ -20,17 +20,19 @@ import sys
 from typing import Any
 
 from theychat.daemons import control, daemon, ops
+from theychat.daemons.backends import RouterState
 from theychat.daemons.clientconn import ClientConn
 from theychat.daemons.commands import Pending
 from theychat.daemons.control import Message, fail, ok
 from theychat.daemons.daemon import Daemon
-from theychat.daemons.directory import Directory, NickTaken
+from theychat.daemons.directory import DROPPED, TOPIC, Directory, NickTaken
 from theychat.daemons.errors import ControlError, TheyChatError
 from theychat.daemons.handoff import Sockets
 from theychat.daemons.lobby import Lobby
-from theychat.daemons.local import LocalLog
 from theychat.daemons.peers import ControlPeers
 from theychat.daemons.protocol import Command, Say
+from theychat.daemons.routerhost import RouterCluster
+from theychat.daemons.store import Change
 from theychat.daemons.supervisor import Child, Supervisor
 from theychat.daemons.tlsbridge import TlsBridge, server_context
 from theychat.daemons.topics import Topics
@@ -72,14 +74,23 @@ class Router:
         self.d = d
         self.cfg = d.cfg
         self.log = d.log
-        self.peers = ControlPeers(d.paths)
-        self.wal = LocalLog(d.paths.wal(d.name), d.cfg.wal, d.log, d.fail)
-        self.dir = Directory(self.wal.store, d.cfg.topics.names, d.cfg.sessions.expiry_s)
+        self.host = d.cfg.cluster.host if d.cfg.cluster else ""
+        self.peers = ControlPeers(d.paths, self.host)
+        self.state = RouterState(d.cfg, d.paths, d.name, d.log, d.fail)
+        self.dir = Directory(self.state.store, d.cfg.topics.names, d.cfg.sessions.expiry_s,
+                             host=self.host)
         self.topics = Topics(self.dir, d.cfg, d.paths, self.peers, self, d.log)
         self.sockets = Sockets(d.id, d.paths, self, d.cfg.clients, d.log)
         self.lobby = Lobby(self.dir, self.topics, self.sockets, self.peers, d.cfg, d.log)
         self.sup: Supervisor | None = None  # exists once start-up has reached it
         self.listener: socket.socket | None = None
+        self.watched: set[str] = set()  # topics whose server-monitor we supervise
+        self.cluster: RouterCluster | None = None
+        if d.cfg.cluster is not None:
+            assert self.state.etcd is not None
+            self.cluster = RouterCluster(d.cfg, self.state.etcd, self.peers, d.log,
+                                         self._dispatcher(), lambda: self.dir.topics,
+                                         self._cluster_lost)
 
     # The lobby owns the connections it accepts and adopts; restored ones start here.
     def handle(self, conn: ClientConn, item: Say | Command) -> Pending:
@@ -99,16 +110,18 @@ class Router:
 
     async def startup(self, ctl: control.ControlServer) -> list[asyncio.Server]:
         d = self.d
+        await self.state.start()
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.dir.repair()
         self.dir.on_expired(lambda s: self.lobby.background(self.lobby.expire(s)))
-        self.wal.store.start()
         # Who is in which topic: the servers know best (a move may not have reached
         # our log before we died).
         await self.topics.reconcile_all()
         restored, kept = await self.sockets.restore(self._still_ours)
         self.listener = self._listener(kept)
         await ctl.start()  # status answers `starting` until we are ready
-        for s in self.dir.in_topic(None):  # lobby sessions whose socket is gone
+        for s in self.dir.in_topic(None, here=True):  # lobby sessions whose socket is gone
             if s.sid not in self.sockets and s.detached_at is None:
                 await self.dir.detach(s.sid)
         for conn in restored:
@@ -123,6 +136,9 @@ class Router:
         self.sockets.keep(LISTENER, self.listener.fileno(), {"kind": LISTENER})
         for topic in self.dir.topics:
             self.watch(topic)
+        # Topics made or dropped elsewhere (another host, in cluster mode) too.
+        self.dir.on_change(TOPIC, self._topics_changed)
+        self.dir.on_change(DROPPED, self._topics_changed)
         servers = await self._serve_clients(self.listener)
         d.ready(host=self.cfg.listen.host, port=self.listener.getsockname()[1],
                 tls=self.cfg.listen.tls.enabled)
@@ -134,7 +150,7 @@ class Router:
         ours = set()
         for sid in sids:
             s = self.dir.session(sid)
-            if s is not None and s.topic is not None:
+            if s is not None and (s.topic is not None or s.host != self.host):
                 continue
             try:
                 if s is None:  # the log lost it (it cannot, but keep the person)
@@ -201,17 +217,34 @@ class Router:
 
     def watch(self, topic: str) -> None:
         assert self.sup is not None
+        if topic in self.watched:
+            return
+        self.watched.add(topic)
         for child in self.d.id.children([topic]):
             if child.topic == topic:
                 self.sup.add(self.d.child_spec(child))
 
     async def unwatch(self, topic: str) -> None:
         assert self.sup is not None
+        if topic not in self.watched:
+            return
+        self.watched.discard(topic)
         monitor = holder(topic).supervisor
         assert monitor is not None
         self.sup.forget(monitor.name)
         with contextlib.suppress(ControlError):
             await self.peers.ask(monitor, ops.StopChild(), timeout=15.0)
+
+    def _topics_changed(self, change: Change) -> None:
+        """The topics changed, here or on another host: run the servers they need."""
+        if self.sup is None:
+            return
+        now = set(self.dir.topics)
+        for topic in now - self.watched:
+            self.watch(topic)
+        for topic in self.watched - now - self.topics.dropping:  # dropped on another host
+            self.lobby.background(self.topics.evacuate(
+                topic, f"topic {topic} was dropped; you are in the lobby"))
 
     async def _gave_up(self, child: Child) -> None:
         if child.spec.topic:
@@ -242,7 +275,19 @@ class Router:
                 op.topic, op.members)),
             ops.TopicDown: lambda op, fds: self._topic_down(op.topic),
             ops.FdResync: lambda op, fds: ok(count=self.sockets.resync()),
+            ops.Deliver: lambda op, fds: lobby.deliver_here(op),
+            ops.DropSession: lambda op, fds: lobby.drop_session(op),
         })
+
+    async def _cluster_lost(self) -> None:
+        """Cut off from the cluster: every client of this host is told, and closed, so
+        that it resumes on another host."""
+        notice = ("this host lost the cluster; reconnect to another host "
+                  "(theychat chat does it by itself)")
+        self.lobby.lost_cluster(notice)
+        for topic in self.dir.topics:
+            with contextlib.suppress(ControlError):
+                await self.peers.ask(holder(topic), ops.ClusterLost(notice=notice))
 
     def status(self) -> Message:
         children = self.sup.status() if self.sup else []
@@ -281,7 +326,9 @@ class Router:
         await ctl.close()
         if self.sup is not None:
             await self.sup.close()
-        await self.wal.close()
+        if self.cluster is not None:
+            await self.cluster.close()
+        await self.state.close()
 
 
 async def main_async(d: Daemon) -> None:

@@ -11,17 +11,19 @@ in the server's write-ahead log (`local.py`); the sockets `handoff.py`. The tabl
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import sys
-import time
 
-from theychat.daemons import control, daemon, ops, procs
+from theychat.daemons import control, daemon, links, ops, procs
+from theychat.daemons.backends import TopicState
 from theychat.daemons.clientconn import ClientConn
+from theychat.daemons.cluster import Mailbox
 from theychat.daemons.commands import Pending
-from theychat.daemons.control import Message, check, ok
+from theychat.daemons.control import Message, check, fail, ok
 from theychat.daemons.daemon import Daemon
 from theychat.daemons.errors import ControlError
 from theychat.daemons.handoff import Sockets
-from theychat.daemons.local import LocalLog
 from theychat.daemons.peers import ControlPeers
 from theychat.daemons.protocol import Command, Say
 from theychat.daemons.room import Room
@@ -37,12 +39,11 @@ class Server:
         self.d = d
         self.log = d.log
         self.topic = d.topic
-        self.peers = ControlPeers(d.paths)
-        self.wal = LocalLog(d.paths.wal(d.name), d.cfg.wal, d.log, d.fail,
-                            keep=d.cfg.history.size)
-        assert self.wal.topic is not None
-        self.topic_log = self.wal.topic
-        self.room = Room(d.topic, self.wal.store)
+        self.state = TopicState(d.cfg, d.paths, d.name, d.topic, d.log, d.fail)
+        self.peers = ControlPeers(d.paths, self.state.host)
+        self.topic_log = self.state.log
+        self.room = Room(d.topic, self.state.store, host=self.state.host)
+        self.mailbox: Mailbox | None = None
         self.fanned = Watermark(d.paths.wals / f"{d.name}.fanout")
         self.sockets = Sockets(d.id, d.paths, self, d.cfg.clients, d.log)
         self.members = TopicCommands(d.topic, self.room, self.topic_log, self.sockets,
@@ -66,7 +67,13 @@ class Server:
     # -- start-up ---------------------------------------------------------------------------
 
     async def startup(self, ctl: control.ControlServer) -> None:
-        in_log = set(self.room.members())
+        await self.state.start()
+        if self.state.etcd is not None and self.state.lease is not None:
+            self.mailbox = Mailbox(self.state.etcd, self.state.keys, self.state.host,
+                                   self.d.name, self._dispatcher(), self.log)
+            self.peers.mailbox, self.peers.lease = self.mailbox, self.state.lease
+            await self.mailbox.start()
+        in_log = set(self.room.here())  # our host's members, as the room last had them
         restored, _ = await self.sockets.restore(self._still_ours)
         for conn in restored:
             if self.room.nick_of(conn.sid) is None:  # joined just before our death
@@ -99,7 +106,7 @@ class Server:
         """Our last incarnation stopped for a full disk: if a write goes through now, the
         members hear that the topic takes lines again, before any line is handled."""
         try:
-            await self.wal.store.put("health/writable", {"since": time.time()})
+            await self.state.writable()
         except WalError:
             return False  # the log failed: the daemon is stopping already
         self.fanned.paused = False
@@ -178,7 +185,19 @@ class Server:
             ops.DropSession: lambda op, fds: m.drop_session(op),
             ops.Evacuate: lambda op, fds: m.evacuate(op),
             ops.FdResync: lambda op, fds: ok(count=self.sockets.resync()),
+            ops.Kick: lambda op, fds: m.kick_here(op),
+            ops.ClusterLost: lambda op, fds: m.lost_cluster(op),
+            ops.TakeLink: self._take_link,
         })
+
+    async def _take_link(self, op: ops.TakeLink, fds: list[int]) -> Message:
+        """A follower's link, passed on by our router: the topic log serves it."""
+        if len(fds) != 1 or self.state.cluster is None:
+            return fail("bad_request", "take_link: one socket, in cluster mode")
+        sock = socket.socket(fileno=fds.pop())
+        reader, writer = await asyncio.open_connection(sock=sock, limit=links.MAX_LINE)
+        self.members.background(self.state.serve_link(reader, writer))
+        return ok()
 
     def status(self) -> Message:
         return ok(daemon=self.d.status(), members=len(self.sockets),
@@ -200,7 +219,9 @@ class Server:
             self.fanned.paused = True
             self.log.warning("topic_paused", topic=self.topic)
         await self.members.close(notice)
-        await self.wal.close()
+        if self.mailbox is not None:
+            await self.mailbox.close()
+        await self.state.close()
 
 
 async def main_async(d: Daemon) -> None:

@@ -25,9 +25,10 @@ from theychat.daemons.handoff import Sockets
 from theychat.daemons.peers import Peers
 from theychat.daemons.protocol import Command, fold
 from theychat.daemons.render import Event
-from theychat.daemons.room import Room
+from theychat.daemons.room import BAN, Room
+from theychat.daemons.store import Change
 from theychat.daemons.topiclog import Draft, Posted, TopicLog
-from theychat.daemons.tree import ROOT, DaemonId
+from theychat.daemons.tree import ROOT, DaemonId, Role
 
 DEFAULT_HISTORY_LINES = 20
 ROUTER = DaemonId(ROOT)
@@ -50,6 +51,7 @@ class TopicCommands(Commands):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unanswered: set[asyncio.Future[list[Posted]]] = set()  # lines in the log's hands
         log.follow(self.fan_out)
+        room.store.watch(BAN, self.banned_elsewhere)
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -267,22 +269,68 @@ class TopicCommands(Commands):
             self._not_op(conn, "kick")
             return
         found = self.room.find(nick)
-        target = self.sockets.get(found[0]) if found else None
-        if target is None:
+        if found is None:
             conn.send(render.error("no_such_nick", f"{nick} is not in {self.topic}"))
             return
-        await self._kick(conn, target, reason)
+        target = self.sockets.get(found[0])
+        if target is not None:
+            await self._kick(conn, target, reason)
+            return
+        # Another host holds that member's socket: its server of this topic kicks.
+        reply = await self.peers.ask(DaemonId(Role.SERVER, self.topic),
+                                     ops.Kick(sid=found[0], by=self.nick(conn), reason=reason),
+                                     host=self.room.host_of(found[0]))
+        if not self.failed(conn, reply):
+            conn.send({"type": "ok", "cmd": "kick", "nick": found[1],
+                       "text": f"{found[1]} was kicked"})
 
-    async def _kick(self, by: Conn, target: ClientConn, reason: str) -> None:
-        who, sid, by_nick = self.nick(target), target.sid, self.nick(by)
+    async def _kick(self, by: Conn | None, target: ClientConn, reason: str,
+                    by_nick: str = "") -> bool:
+        """Move `target` to the lobby, told who kicked it and why; `by` hears how it went
+        (None: the kick came from another host)."""
+        who, sid = self.nick(target), target.sid
+        by_nick = by_nick or (self.nick(by) if by is not None else "?")
         why = f": {reason}" if reason else ""
         notice = f"you were kicked from {self.topic} by {by_nick}{why}"
         target.pause()  # its unread lines stay in the socket for the lobby
         if not await self.move(target, None, notice=notice, kicked_by=by_nick, reason=reason):
-            by.send(render.error("unavailable", f"could not move {who} out right now; try again"))
-            return
+            if by is not None:
+                by.send(render.error("unavailable",
+                                     f"could not move {who} out right now; try again"))
+            return False
         self.log.info("client_kicked", session=sid, nick=who, by=by_nick, reason=reason)
-        by.send({"type": "ok", "cmd": "kick", "nick": who, "text": f"{who} was kicked"})
+        if by is not None:
+            by.send({"type": "ok", "cmd": "kick", "nick": who, "text": f"{who} was kicked"})
+        return True
+
+    async def kick_here(self, op: ops.Kick) -> Message:
+        """A kick decided on another host, of a member whose socket we hold."""
+        target = self.sockets.get(op.sid)
+        if target is None:
+            return fail("no_such_nick", "that person just left")
+        await self._kick(None, target, op.reason, by_nick=op.by)
+        return ok()
+
+    def banned_elsewhere(self, change: Change) -> None:
+        """A ban made on another host: a member of ours with that nick goes (one made
+        here is carried out by the /ban itself)."""
+        if change.entry is None or change.entry.value.get("host", "") == self.room.host:
+            return
+        found = self.room.find_folded(change.key[len(BAN):])
+        target = self.sockets.get(found[0]) if found else None
+        if target is not None and target.close_reason is None:
+            by = str(change.entry.value.get("by") or "?")
+            self.background(self._kick(None, target, "banned", by_nick=by))
+
+    def lost_cluster(self, op: ops.ClusterLost) -> Message:
+        """Our host is cut off: every member here goes (our monitor's copies too)."""
+        self.closing = True  # nobody left the topic: they resume on another host
+        for conn in self.sockets:
+            self.sockets.lost(conn)
+            conn.send({"type": "notice", "text": op.notice})
+            conn.close("lost the cluster")
+        self.closing = False
+        return ok()
 
     def cmd_ban(self, conn: Conn, cmd: Command) -> Pending:
         return self._ban(conn, cmd.arg)

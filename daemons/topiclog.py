@@ -10,6 +10,10 @@ followers on every host hear of every entry, whoever appended it).
 Reads (`after`, `last`) see only committed entries, and only as many as the topic keeps
 (`history.size`): history and live delivery never overlap.
 
+A line a client numbered (`/say N TEXT`, what `theychat chat` sends) is taken once: a
+resent line whose number the session already had taken is not appended again, and its
+append answers with the entry it got the first time (within the entries kept).
+
 `MemoryTopicLog` commits at once, for tests of the logic above it.
 """
 
@@ -34,6 +38,7 @@ class Draft(NamedTuple):
     text: str
     ts: float
     action: bool = False  # /me
+    line: int | None = None  # the client's number for this line of its session, if any
 
 
 class Posted(NamedTuple):
@@ -45,6 +50,7 @@ class Posted(NamedTuple):
     text: str
     action: bool = False
     sid: str | None = None  # the sender's session: never shown to others
+    line: int | None = None  # the sender's number for it
 
     def event(self, topic: str) -> Event:
         """The message as members see it (without the sender's secret session id)."""
@@ -95,6 +101,7 @@ class Tail:
         self.entries: deque[Posted] = deque(maxlen=self.keep or None)
         self.next_seq = 1  # the number the next appended line gets
         self.last_seq = 0  # the highest committed
+        self.lines: dict[str, Posted] = {}  # session -> its latest numbered line
 
     def add(self, entries: Iterable[Posted]) -> None:
         """Entries appended (numbered), not yet committed."""
@@ -102,6 +109,23 @@ class Tail:
             if self.keep:
                 self.entries.append(e)
             self.next_seq = max(self.next_seq, e.seq + 1)
+            if e.line is not None and e.sid is not None:
+                self.lines[e.sid] = e
+        if len(self.lines) > 4 * max(self.keep, 256):  # forget sessions long quiet
+            recent = {e.sid for e in self.entries}
+            self.lines = {s: p for s, p in self.lines.items() if s in recent}
+
+    def taken(self, d: Draft) -> Posted | None:
+        """The entry a numbered line already got, if its session had it taken: itself if
+        it is still kept, else the session's latest (an older resend)."""
+        if d.line is None:
+            return None
+        latest = self.lines.get(d.sid)
+        if latest is None or latest.line is None or latest.line < d.line:
+            return None
+        if latest.line == d.line:
+            return latest
+        return next((e for e in self.entries if e.sid == d.sid and e.line == d.line), latest)
 
     def commit(self, seq: int) -> None:
         self.last_seq = max(self.last_seq, seq)
@@ -139,10 +163,38 @@ class TailLog:
         return fut
 
     def append(self, drafts: Sequence[Draft]) -> asyncio.Future[list[Posted]]:
-        seq = self.tail.next_seq
+        tail = self.tail
+        if any(d.line is not None for d in drafts):
+            return self._append_numbered(drafts)
+        seq = tail.next_seq
         entries = [Posted(seq + i, round(d.ts, 3), d.nick, d.text, d.action, d.sid)
                    for i, d in enumerate(drafts)]
+        tail.add(entries)
+
+        def committed() -> None:
+            tail.commit(entries[-1].seq)
+            for on_commit in self._followers:
+                on_commit(entries)
+
+        durable = self._persist(entries, committed)
+        self._last = durable
+        return durable
+
+    def _append_numbered(self, drafts: Sequence[Draft]) -> asyncio.Future[list[Posted]]:
+        """Lines a client numbered: those its session already had taken are answered
+        with their entries, the others appended."""
+        answers: list[Posted | None] = [self.tail.taken(d) for d in drafts]
+        fresh = [d for d, a in zip(drafts, answers, strict=True) if a is None]
+        result: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
+        if not fresh:
+            result.set_result([a for a in answers if a is not None])
+            return result
+        seq = self.tail.next_seq
+        entries = [Posted(seq + i, round(d.ts, 3), d.nick, d.text, d.action, d.sid, d.line)
+                   for i, d in enumerate(fresh)]
         self.tail.add(entries)
+        made = iter(entries)
+        ordered = [a if a is not None else next(made) for a in answers]
 
         def committed() -> None:
             self.tail.commit(entries[-1].seq)
@@ -150,8 +202,18 @@ class TailLog:
                 on_commit(entries)
 
         durable = self._persist(entries, committed)
+
+        def answered(f: asyncio.Future[list[Posted]]) -> None:
+            if f.cancelled():
+                result.cancel()
+            elif f.exception() is not None:
+                result.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                result.set_result(ordered)
+
+        durable.add_done_callback(answered)
         self._last = durable
-        return durable
+        return result
 
     def after(self, seq: int) -> list[Posted]:
         return self.tail.after(seq)

@@ -48,6 +48,7 @@ class Topics:
         self.supervision = supervision
         self.log = log
         self.unavailable: set[str] = set()  # topics whose supervisor gave up
+        self.dropping: set[str] = set()  # being dropped here: its evacuation is ours
 
     def listing(self) -> list[dict[str, object]]:
         return [{**c, "available": c["name"] not in self.unavailable} for c in self.dir.counts()]
@@ -112,18 +113,27 @@ class Topics:
         if not allowed:
             return fail("not_operator", f"only operators of {topic} can drop it")
         # Forgotten first: nobody can join it while its members are moved out.
-        await self.dir.drop_topic(topic)
+        self.dropping.add(topic)
+        try:
+            await self.dir.drop_topic(topic)
+            await self.evacuate(topic, f"topic {topic} was dropped by {nick}; "
+                                       "you are in the lobby")
+        finally:
+            self.dropping.discard(topic)
+        self.log.info("topic_dropped", dropped=topic, by=nick)
+        return ok(event={"type": "ok", "cmd": "drop", "topic": topic,
+                         "text": f"topic {topic} dropped"})
+
+    async def evacuate(self, topic: str, notice: str) -> None:
+        """A dropped topic's people on this host go to the lobby, then its daemons stop
+        and its state here goes (a new /create starts afresh)."""
         self.unavailable.discard(topic)
-        notice = f"topic {topic} was dropped by {nick}; you are in the lobby"
         with contextlib.suppress(ControlError):
             await self.peers.ask(holder(topic), ops.Evacuate(notice=notice), timeout=10.0)
         await self.supervision.unwatch(topic)
         wal = self.paths.wal(holder(topic).name)
         for leftover in (wal, wal.with_suffix(".fanout")):
-            leftover.unlink(missing_ok=True)  # forgotten: a new /create starts afresh
-        self.log.info("topic_dropped", dropped=topic, by=nick)
-        return ok(event={"type": "ok", "cmd": "drop", "topic": topic,
-                         "text": f"topic {topic} dropped"})
+            leftover.unlink(missing_ok=True)
 
     # -- what the servers know better -----------------------------------------------------
 
@@ -148,6 +158,6 @@ class Topics:
                 present.add(m.sid)
             except NickTaken:
                 continue
-        for s in self.dir.in_topic(topic):
+        for s in self.dir.in_topic(topic, here=True):
             if s.sid not in present and s.detached_at is None:
                 await self.dir.detach(s.sid)

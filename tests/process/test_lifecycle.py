@@ -238,7 +238,7 @@ def test_status_during_start_up_says_starting() -> None:
             assert made["code"] == "starting"
         finally:
             await ctl.close()
-            await router.wal.close()
+            await router.state.close()
 
     try:
         asyncio.run(body())

@@ -162,7 +162,7 @@ class Peers:
         self.asked: list[tuple[DaemonId, ops.Op]] = []
 
     async def ask(self, to: DaemonId, op: ops.Op, timeout: float = 2.0,
-                  fds: Sequence[int] = ()) -> Message:
+                  fds: Sequence[int] = (), host: str = "") -> Message:
         self.asked.append((to, op))
         answer = self.answers.get(type(op))
         if answer is None:

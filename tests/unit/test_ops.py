@@ -35,6 +35,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "fd_drop": {"id": "ab12"},
     "fd_fetch": {"after": "ab"},
     "fd_held": {"id": "ab12"},
+    "kick": {"sid": "ab12", "by": "ann", "reason": "spam"},
+    "take_link": {"pending": "00"},
+    "cluster_lost": {"notice": "bye"},
 }
 
 

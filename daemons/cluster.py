@@ -1,0 +1,354 @@
+"""A host in a cluster (cluster mode, DESIGN.md section 10): its lease in etcd, what the
+other hosts can tell of it, and how it finds out that one of them is gone.
+
+The router of each host runs a `HostAgent`:
+
+- **The host's lease.** Every key that must go when the host goes (its `hosts/HOST`
+  record, the topics it sequences) is bound to one lease, kept alive every
+  `lease_ttl_s / 4`. A router that restarts takes the same lease back (it is in the
+  record), so a local restart changes nothing for the cluster: no re-election.
+- **Heartbeats between hosts**: signed UDP beats (the cluster key) to every other host's
+  `advertise:port`, every `heartbeat.interval_ms`. A host that falls silent for
+  `heartbeat.timeout_ms` is suspected: we write `suspect/HOST/US` (with our lease). When
+  more than half of the other hosts suspect it, one of them revokes its lease: its keys
+  go, a survivor becomes the sequencer of each of its topics. etcd is the authority: a
+  host whose lease is gone may not write, and a suspicion that cannot be written (we
+  are the one cut off) changes nothing.
+- **Lost the cluster**: when the lease cannot be kept alive for `lost_after_s`, the
+  host tells its daemons (`on_lost`): they close their clients, who move to another
+  host and resume there. When etcd answers again, it takes a new lease if it lost its
+  own and says so (`on_back`).
+
+Keys live under /theychat/CLUSTER/ (`Keys`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from theychat.daemons import etcd, heartbeat, ops
+from theychat.daemons.config import Cluster, Heartbeat
+from theychat.daemons.control import Message
+from theychat.daemons.errors import TheyChatError
+from theychat.daemons.etcd import Etcd, EtcdError
+from theychat.daemons.heartbeat import Beat, HeartbeatListener, HeartbeatSender, PeerWatch
+
+KEY_BYTES = heartbeat.KEY_BYTES
+
+
+class Keys:
+    """Where a cluster's facts are in etcd."""
+
+    def __init__(self, name: str) -> None:
+        self.root = f"/theychat/{name}/"
+        self.dir = self.root + "dir/"  # the directory store of every router
+        self.hosts = self.root + "hosts/"  # hosts/HOST: the host's record, leased
+        self.suspect = self.root + "suspect/"  # suspect/HOST/BY: BY hears nothing of HOST
+
+    def topic(self, topic: str) -> str:
+        """A topic's log and sequencer (clusterlog.py)."""
+        return f"{self.root}topics/{topic}/"
+
+    def room(self, topic: str) -> str:
+        """A topic's directory store: members of every host, operators, bans."""
+        return f"{self.root}topics/{topic}/room/"
+
+    def mail(self, host: str, daemon: str) -> str:
+        """Requests for one daemon of one host (a direct message, a kick, a take-over)."""
+        return f"{self.root}mail/{host}/{daemon}/"
+
+
+def load_key(path: str) -> bytes:
+    """The cluster key: private to its owner (0600), KEY_BYTES long."""
+    try:
+        return heartbeat.read_key(Path(path), "the cluster key")
+    except FileNotFoundError:
+        raise TheyChatError(f"cluster.key_file: {path}: no such file (make one with "
+                            "`theychat cluster-key FILE` and copy it to every host)") from None
+    except TheyChatError as e:
+        raise TheyChatError(f"cluster.key_file: {e}") from None
+
+
+def make_key(path: str) -> None:
+    """A new cluster key in a new file (refuses to replace one)."""
+    heartbeat.create_key(Path(path), "the cluster key")
+
+
+class HostAgent:
+    def __init__(self, cfg: Cluster, hb: Heartbeat, client: Etcd, key: bytes, client_addr: str,
+                 log: Any, on_lost: Callable[[], Awaitable[None]],
+                 on_back: Callable[[], Awaitable[None]]) -> None:
+        self.cfg = cfg
+        self.hb = hb
+        self.etcd = client
+        self.keys = Keys(cfg.name)
+        self.key = key
+        self.client_addr = client_addr  # where people connect to this host
+        self.log = log
+        self.on_lost, self.on_back = on_lost, on_back
+        self.lease = 0
+        self.lost = False
+        self.peers: dict[str, dict[str, Any]] = {}  # host -> its record
+        self.watches: dict[str, PeerWatch] = {}  # the listener's: host -> its beats
+        self.suspects: dict[str, set[str]] = {}  # host -> who suspects it
+        self.revoked: set[int] = set()
+        self._last_ok = time.monotonic()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.listener: HeartbeatListener | None = None
+        self.sender: HeartbeatSender | None = None
+
+    @property
+    def me(self) -> str:
+        return self.cfg.host
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def record(self) -> dict[str, Any]:
+        return {"advertise": self.cfg.advertise, "port": self.cfg.port,
+                "client": self.client_addr, "lease": self.lease}
+
+    async def start(self) -> None:
+        await self._take_lease()
+        self.listener = HeartbeatListener(self.key, self.watches)
+        await self.listener.start(self.cfg.advertise, self.cfg.port)
+        template = Beat("host", None, self.me, 1, 1, 0, 0)
+        self.sender = HeartbeatSender(template, self.key, self.hb.interval_ms, self._targets)
+        self.sender.start()
+        self._spawn(self._keep_lease())
+        self._spawn(self._follow_hosts())
+        self._spawn(self._follow_suspects())
+        self._spawn(self._judge())
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sender:
+            self.sender.stop()
+        if self.listener:
+            self.listener.close()
+
+    # -- the lease -----------------------------------------------------------------------
+
+    async def _take_lease(self) -> None:
+        """Our lease from the record of our previous router, if it lives, else a new one;
+        then our record, bound to it."""
+        kvs, _ = await self.etcd.range(self.keys.hosts + self.me)
+        old = int(json.loads(kvs[0].value).get("lease", 0)) if kvs else 0
+        if old and await self.etcd.time_to_live(old) > 0:
+            self.lease = old
+        else:
+            self.lease = await self.etcd.grant(self.cfg.lease_ttl_s)
+            self.log.info("host_lease_granted", lease=self.lease, ttl_s=self.cfg.lease_ttl_s)
+        await self.etcd.put(self.keys.hosts + self.me, json.dumps(self.record()).encode(),
+                            self.lease)
+
+    async def _keep_lease(self) -> None:
+        every = self.cfg.lease_ttl_s / 4
+        while True:
+            await asyncio.sleep(every)
+            try:
+                ttl = await self.etcd.keepalive(self.lease)
+                if ttl <= 0:  # revoked (we were thought dead) or expired: start again
+                    self.log.warning("host_lease_lost", lease=self.lease)
+                    await self._take_lease()
+                self._last_ok = time.monotonic()
+                if self.lost:
+                    self.lost = False
+                    self.log.info("cluster_regained", lease=self.lease)
+                    await self.on_back()
+            except EtcdError as e:
+                away = time.monotonic() - self._last_ok
+                if away >= self.cfg.lost_after_s and not self.lost:
+                    self.lost = True
+                    self.log.error("cluster_lost", away_s=round(away, 1), error=str(e))
+                    await self.on_lost()
+
+    # -- the other hosts -------------------------------------------------------------------
+
+    def _targets(self) -> list[tuple[str, int]]:
+        return [(str(r["advertise"]), int(r["port"])) for h, r in self.peers.items()
+                if h != self.me]
+
+    async def _follow_hosts(self) -> None:
+        while True:
+            try:
+                kvs, rev = await self.etcd.range(self.keys.hosts, prefix=True)
+                for kv in kvs:
+                    self._host(kv.key[len(self.keys.hosts):], kv.value)
+                async for batch in self.etcd.watch(self.keys.hosts, prefix=True,
+                                                   start_revision=rev + 1):
+                    for ev in batch:
+                        name = ev.kv.key[len(self.keys.hosts):]
+                        if ev.kind == "put":
+                            self._host(name, ev.kv.value)
+                        else:
+                            self.peers.pop(name, None)
+                            self.watches.pop(name, None)
+                            self.log.info("host_gone", host=name)
+            except EtcdError:
+                await asyncio.sleep(0.1)
+
+    def _host(self, name: str, raw: bytes) -> None:
+        with contextlib.suppress(ValueError):
+            record = json.loads(raw)
+            if name not in self.peers and name != self.me:
+                self.log.info("host_joined", host=name, advertise=record.get("advertise"))
+            self.peers[name] = record
+            if name != self.me and name not in self.watches:
+                self.watches[name] = PeerWatch(name, self.hb.timeout_ms, heartbeat.monotonic_ms())
+
+    async def _judge(self) -> None:
+        """Suspect a host that fell silent; take it back when it beats again."""
+        mine: set[str] = set()
+        while True:
+            await asyncio.sleep(self.hb.interval_ms / 1000)
+            now = heartbeat.monotonic_ms()
+            for name, watch in list(self.watches.items()):
+                silent = watch.expired(now)
+                try:
+                    if silent and name not in mine:
+                        await self.etcd.put(self.keys.suspect + f"{name}/{self.me}", b"{}",
+                                            self.lease)
+                        mine.add(name)
+                        self.log.warning("host_suspected", host=name)
+                    elif not silent and name in mine:
+                        await self.etcd.delete(self.keys.suspect + f"{name}/{self.me}")
+                        mine.discard(name)
+                except EtcdError:
+                    continue  # cut off ourselves: our word cannot count now
+
+    async def _follow_suspects(self) -> None:
+        while True:
+            try:
+                kvs, rev = await self.etcd.range(self.keys.suspect, prefix=True)
+                self.suspects.clear()
+                for kv in kvs:
+                    self._suspicion(kv.key, True)
+                await self._revoke_suspected()
+                async for batch in self.etcd.watch(self.keys.suspect, prefix=True,
+                                                   start_revision=rev + 1):
+                    for ev in batch:
+                        self._suspicion(ev.kv.key, ev.kind == "put")
+                    await self._revoke_suspected()
+            except EtcdError:
+                await asyncio.sleep(0.1)
+
+    def _suspicion(self, key: str, present: bool) -> None:
+        host, _, by = key[len(self.keys.suspect):].partition("/")
+        who = self.suspects.setdefault(host, set())
+        if present:
+            who.add(by)
+        else:
+            who.discard(by)
+
+    async def _revoke_suspected(self) -> None:
+        """A host more than half of the others hear nothing of is gone: revoke its lease
+        (whoever of us gets there first; the others find it done)."""
+        others = max(len([h for h in self.peers if h]) - 1, 1)
+        for host, who in self.suspects.items():
+            record = self.peers.get(host)
+            if host == self.me or record is None or len(who) * 2 <= others:
+                continue
+            lease = int(record.get("lease", 0))
+            if lease and lease not in self.revoked:
+                self.revoked.add(lease)
+                self.log.warning("host_declared_dead", host=host, suspected_by=sorted(who))
+                with contextlib.suppress(EtcdError):
+                    await self.etcd.revoke(lease)
+
+
+class HostLease:
+    """What a daemon other than the router needs of its host: the lease now (it changes
+    when the router takes a new one), from the host's record in etcd."""
+
+    def __init__(self, client: Etcd, keys: Keys, host: str) -> None:
+        self.etcd, self.key = client, keys.hosts + host
+        self.lease = 0
+        self.changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self) -> int:
+        return self.lease
+
+    async def start(self) -> None:
+        kvs, rev = await self.etcd.range(self.key)
+        self._set(kvs[0] if kvs else None)
+        self._task = asyncio.ensure_future(self._follow(rev + 1))
+
+    def _set(self, kv: etcd.Kv | None) -> None:
+        lease = 0
+        if kv is not None:
+            with contextlib.suppress(ValueError):
+                lease = int(json.loads(kv.value).get("lease", 0))
+        if lease != self.lease:
+            self.lease = lease
+            self.changed.set()
+
+    async def _follow(self, start: int) -> None:
+        async for batch in self.etcd.watch(self.key, start_revision=start):
+            for ev in batch:
+                self._set(ev.kv if ev.kind == "put" else None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class Mailbox:
+    """Requests for one daemon from daemons on other hosts, through etcd: a sender writes
+    a typed op under the daemon's key (leased by the sender's host: a request of a host
+    that died goes with it), the daemon answers it from its own table, and deletes it."""
+
+    def __init__(self, client: Etcd, keys: Keys, host: str, daemon: str,
+                 answer: Callable[[Message, list[int]], Awaitable[Message]], log: Any) -> None:
+        self.etcd, self.keys, self.log = client, keys, log
+        self.prefix = keys.mail(host, daemon)
+        self.answer = answer
+        self._task: asyncio.Task[None] | None = None
+        self._n = 0
+
+    async def start(self) -> None:
+        kvs, rev = await self.etcd.range(self.prefix, prefix=True)
+        for kv in kvs:
+            await self._handle(kv)
+        self._task = asyncio.ensure_future(self._follow(rev + 1))
+
+    async def _follow(self, start: int) -> None:
+        async for batch in self.etcd.watch(self.prefix, prefix=True, start_revision=start):
+            for ev in batch:
+                if ev.kind == "put":
+                    await self._handle(ev.kv)
+
+    async def _handle(self, kv: etcd.Kv) -> None:
+        try:
+            msg = json.loads(kv.value)
+            if isinstance(msg, dict):
+                await self.answer(msg, [])
+        except Exception as e:  # a bad request from afar is refused, never fatal
+            self.log.warning("mail_refused", key=kv.key, error=str(e))
+        with contextlib.suppress(EtcdError):
+            await self.etcd.delete(kv.key)
+
+    async def post(self, host: str, daemon: str, op: ops.Op, lease: int) -> None:
+        """Send `op` to `daemon` of `host`; done once etcd holds it."""
+        self._n += 1
+        key = self.keys.mail(host, daemon) + f"{time.time_ns()}.{self._n}"
+        await self.etcd.put(key, json.dumps(op.message()).encode(), lease)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,490 @@
+"""The topic log seam on etcd (cluster mode): one sequencer per topic, a follower on
+every host (DESIGN.md section 10).
+
+Every host's server of a topic follows its log: it watches the committed blocks, checks
+that each one starts where the last ended (reading what it missed on a gap), keeps the
+last `history.size` entries, and tells its own fan-out. One of them is the topic's
+**sequencer**: it won the key `seq/owner`, which is bound to its host's lease, so it
+goes with the host. The sequencer numbers the lines every host sends it and commits
+them in blocks, one etcd transaction per block, which succeeds only while the owner key
+is still the one it created and `seq/head` is where it left it: two sequencers can never
+both commit (the fence), and a commit that etcd did not make is never acknowledged.
+
+    P = /theychat/CLUSTER/topics/TOPIC/
+    P seq/owner       {"host", "link"}   leased by the owner host's lease
+    P seq/head        {"seq"}            the last committed sequence number
+    P log/FIRST       {"e": [[seq, ts, nick, text, action, sid, line, tag], ...]}
+
+Lines from other hosts come over a link (`links.py`). Each one carries a tag unique to
+it (its session and the client's line number, or one its server made), so a line that
+is sent again after a failover, because its answer was lost, is committed at most once:
+the sequencer knows the tags of the entries it keeps, and a follower that sees its own
+tags committed takes that as the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import os
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from theychat.daemons import etcd, links
+from theychat.daemons.etcd import Etcd, EtcdError, EtcdUnavailable
+from theychat.daemons.links import Link, LinkError
+from theychat.daemons.topiclog import Draft, OnCommit, Posted, Tail
+
+BATCH_MAX = 512  # lines in one block
+RETRY_S = 0.05  # after etcd did not answer, or a link broke
+BLOCK_KEY = "log/{:020d}"
+Dial = Callable[[str, bytes, str, str], Awaitable[Link]]
+
+
+def _block(entries: Sequence[Posted], tags: Sequence[str]) -> bytes:
+    return json.dumps({"e": [[p.seq, p.ts, p.nick, p.text, p.action, p.sid, p.line, t]
+                             for p, t in zip(entries, tags, strict=True)]},
+                      separators=(",", ":")).encode()
+
+
+def _unblock(raw: bytes) -> list[tuple[Posted, str]]:
+    try:
+        rows = json.loads(raw)["e"]
+        return [(Posted(int(r[0]), float(r[1]), str(r[2]), str(r[3]), bool(r[4]),
+                        r[5] if isinstance(r[5], str) else None,
+                        r[6] if isinstance(r[6], int) else None), str(r[7])) for r in rows]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return []
+
+
+class Pending:
+    """Lines waiting for their entries, and who waits."""
+
+    def __init__(self, drafts: list[Draft], tags: list[str]) -> None:
+        self.drafts, self.tags = drafts, tags
+        self.future: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
+
+    def answer(self, entries: list[Posted]) -> None:
+        if not self.future.done():
+            self.future.set_result(entries)
+
+
+class ClusterTopicLog:
+    def __init__(self, topic: str, client: Etcd, prefix: str, host: str, link_address: str,
+                 keep: int, key: bytes, lease: Callable[[], int], log: Any,
+                 dial: Dial | None = None) -> None:
+        self.topic = topic
+        self.etcd = client
+        self.prefix = prefix
+        self.host = host
+        self.link_address = link_address  # where other hosts reach us (our router)
+        self.key = key
+        self.lease = lease  # our host's lease, as it is now (0: none)
+        self.log = log
+        self.tail = Tail(keep)
+        self.tags: dict[str, Posted] = {}  # tag -> entry, for the entries kept
+        self._tag_order: deque[str] = deque()
+        self._followers: list[OnCommit] = []
+        self._dial = dial or links.connect
+        self._tag_seq = itertools.count(1)
+        self._boot = secrets.token_hex(4)  # tags of this process's lines are its own
+        self.owner: dict[str, Any] | None = None  # the owner key's value and revision
+        self.sequencing = False
+        self._head_seq = 0
+        self._head_rev = 0
+        self._owner_rev = 0  # create revision of our owner key: the fence
+        self._writes = 0
+        self._queue: list[Pending] = []  # lines for us to commit (we are the sequencer)
+        self._work = asyncio.Event()
+        self._sent: dict[int, Pending] = {}  # lines sent to the sequencer, by request id
+        self._request_ids = itertools.count(1)
+        self._link: Link | None = None
+        self._link_changed = asyncio.Event()
+        self._committed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- the TopicLog seam -------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        return self.tail.last_seq
+
+    def after(self, seq: int) -> list[Posted]:
+        return self.tail.after(seq)
+
+    def last(self, n: int) -> list[Posted]:
+        return self.tail.last(n)
+
+    def follow(self, on_commit: OnCommit) -> None:
+        self._followers.append(on_commit)
+
+    def append(self, drafts: Sequence[Draft]) -> asyncio.Future[list[Posted]]:
+        tags = [f"{d.sid}:{d.line}" if d.line is not None
+                else f"{self.host}.{self._boot}.{next(self._tag_seq)}" for d in drafts]
+        pending = Pending(list(drafts), tags)
+        if self.sequencing:
+            self._queue.append(pending)
+            self._work.set()
+        else:
+            self._send(pending)
+        return pending.future
+
+    async def sync(self) -> None:
+        """Every line appended so far is committed, and seen committed here."""
+        waiting = [p.future for p in [*self._queue, *self._sent.values()]]
+        if waiting:
+            await asyncio.wait(waiting)
+        top = max((e.seq for f in waiting if f.done() and not f.exception()
+                   for e in f.result()), default=0)
+        async with self._committed:
+            await self._committed.wait_for(lambda: self.tail.last_seq >= top)
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        """Read the kept end of the log, then follow it and the owner key."""
+        rev = await self._load()
+        self._spawn(self._follow_log(rev + 1))
+        self._spawn(self._follow_owner())
+        self._spawn(self._sequence())
+        self._spawn(self._keep_link())
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._link is not None:
+            self._link.close()
+
+    async def _load(self) -> int:
+        head, rev = await self.etcd.range(self.prefix + "seq/head")
+        last = int(json.loads(head[0].value).get("seq", 0)) if head else 0
+        blocks, _ = await self.etcd.range(self.prefix + "log/", prefix=True, descending=True,
+                                          limit=max(1, self.tail.keep), revision=rev)
+        rows: list[tuple[Posted, str]] = []
+        for kv in blocks:  # newest first, until enough are kept
+            rows = _unblock(kv.value) + rows
+            if len(rows) >= self.tail.keep:
+                break
+        rows = [r for r in rows if r[0].seq <= last][-self.tail.keep:] if self.tail.keep else []
+        self._commit(rows, tell=False)
+        self.tail.next_seq = max(self.tail.next_seq, last + 1)
+        self.tail.commit(last)
+        return rev
+
+    # -- following the committed log -----------------------------------------------------
+
+    async def _follow_log(self, start: int) -> None:
+        async for batch in self.etcd.watch(self.prefix + "log/", prefix=True,
+                                           start_revision=start):
+            for ev in batch:
+                if ev.kind == "put":
+                    await self._block(_unblock(ev.kv.value))
+
+    async def _block(self, rows: list[tuple[Posted, str]]) -> None:
+        if not rows:
+            return
+        expected = self.tail.last_seq + 1
+        first = rows[0][0].seq
+        if first > expected:  # a gap: read what we missed, then this
+            await self._catch_up(expected, first)
+            expected = self.tail.last_seq + 1
+        rows = [r for r in rows if r[0].seq >= expected]
+        if rows and rows[0][0].seq == expected:
+            self._commit(rows)
+
+    async def _catch_up(self, start: int, end: int) -> None:
+        while True:
+            try:
+                kvs, _ = await self.etcd.range(self.prefix + "log/", prefix=True)
+                break
+            except EtcdError:
+                await asyncio.sleep(RETRY_S)
+        for kv in sorted(kvs, key=lambda k: k.key):
+            rows = [r for r in _unblock(kv.value)
+                    if start <= r[0].seq < end and r[0].seq == self.tail.last_seq + 1]
+            if rows:
+                self._commit(rows)
+
+    def _commit(self, rows: list[tuple[Posted, str]], tell: bool = True) -> None:
+        entries = [p for p, _ in rows]
+        if not entries:
+            return
+        self.tail.add(entries)
+        self.tail.commit(entries[-1].seq)
+        for p, tag in rows:
+            self.tags[tag] = p
+            self._tag_order.append(tag)
+        while len(self._tag_order) > max(self.tail.keep, 1) * 2:
+            self.tags.pop(self._tag_order.popleft(), None)
+        if tell:
+            for on_commit in self._followers:
+                on_commit(entries)
+        self._answer_from_log()
+        self._spawn(self._notify_committed())
+
+    async def _notify_committed(self) -> None:
+        async with self._committed:
+            self._committed.notify_all()
+
+    def _answer_from_log(self) -> None:
+        """Lines we sent whose tags the log shows: that is their answer (the sequencer's
+        may have been lost with a link)."""
+        for rid, p in list(self._sent.items()):
+            if all(t in self.tags for t in p.tags):
+                p.answer([self.tags[t] for t in p.tags])
+                del self._sent[rid]
+
+    # -- who sequences -------------------------------------------------------------------
+
+    async def _follow_owner(self) -> None:
+        key = self.prefix + "seq/owner"
+        while True:
+            try:
+                kvs, rev = await self.etcd.range(key)
+                self._owner(kvs[0] if kvs else None)
+                if not kvs:
+                    await self._campaign()
+                async for batch in self.etcd.watch(key, start_revision=rev + 1):
+                    for ev in batch:
+                        self._owner(ev.kv if ev.kind == "put" else None)
+                        if ev.kind == "delete":
+                            await self._campaign()
+            except EtcdError:
+                await asyncio.sleep(RETRY_S)
+
+    def _owner(self, kv: etcd.Kv | None) -> None:
+        was = self.owner
+        self.owner = None if kv is None else {**json.loads(kv.value),
+                                              "create_revision": kv.create_revision,
+                                              "lease": kv.lease}
+        mine = self.owner is not None and self.owner.get("host") == self.host
+        if mine and not self.sequencing:
+            assert self.owner is not None
+            self._owner_rev = int(self.owner["create_revision"])
+            self._head_seq = self._head_rev = 0  # read afresh: another may have moved it
+            self.sequencing = True
+            self._requeue_sent()
+            self.log.info("sequencer_started", topic=self.topic, owner_revision=self._owner_rev)
+            self._work.set()
+        elif not mine and self.sequencing:
+            self.sequencing = False
+            self.log.warning("sequencer_stopped", topic=self.topic,
+                             owner=self.owner.get("host") if self.owner else None)
+            self._forward_queue()
+        if (was or {}).get("link") != (self.owner or {}).get("link"):
+            self._link_changed.set()
+
+    async def _campaign(self) -> None:
+        """No sequencer: try to become it, with our host's lease."""
+        lease = self.lease()
+        if not lease:
+            return  # our host has no lease now (cut off): let the others take it
+        key = self.prefix + "seq/owner"
+        value = json.dumps({"host": self.host, "link": self.link_address}).encode()
+        with contextlib.suppress(EtcdError):
+            result = await self.etcd.txn([etcd.created(key, 0)], [etcd.put(key, value, lease)])
+            if result.succeeded:
+                self.log.info("sequencer_elected", topic=self.topic, revision=result.revision)
+
+    # -- sequencing (we own the topic) ---------------------------------------------------
+
+    async def _sequence(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self.sequencing and self._queue:
+                await self._commit_batch()
+
+    async def _read_head(self) -> None:
+        kvs, _ = await self.etcd.range(self.prefix + "seq/head")
+        self._head_seq = int(json.loads(kvs[0].value).get("seq", 0)) if kvs else 0
+        self._head_rev = kvs[0].mod_revision if kvs else 0
+
+    async def _commit_batch(self) -> None:
+        batch, lines = [], 0
+        while self._queue and lines < BATCH_MAX:
+            batch.append(self._queue.pop(0))
+            lines += len(batch[-1].drafts)
+        try:
+            if self._head_rev == 0 and self._head_seq == 0:
+                await self._read_head()
+            fresh: list[tuple[Draft, str]] = []
+            taken: dict[str, Posted] = {}
+            for p in batch:
+                for d, tag in zip(p.drafts, p.tags, strict=True):
+                    old = self.tags.get(tag) or self.tail.taken(d)
+                    if old is not None:
+                        taken[tag] = old
+                    elif tag not in (t for _, t in fresh):
+                        fresh.append((d, tag))
+            entries = [Posted(self._head_seq + 1 + i, round(d.ts, 3), d.nick, d.text,
+                              d.action, d.sid, d.line) for i, (d, _) in enumerate(fresh)]
+            if entries:
+                ok = await self._write(entries, [t for _, t in fresh])
+                if not ok:
+                    self._queue[:0] = batch  # the head moved, or we are not the owner
+                    return
+            made = {**taken, **{t: e for (_, t), e in zip(fresh, entries, strict=True)}}
+            for p in batch:
+                p.answer([made[t] for t in p.tags])
+        except EtcdError as e:
+            self._queue[:0] = batch
+            self.log.warning("sequencer_write_failed", topic=self.topic, error=str(e))
+            await asyncio.sleep(RETRY_S)
+
+    async def _write(self, entries: list[Posted], tags: list[str]) -> bool:
+        """One fenced transaction: the block and the new head; False if fenced off."""
+        head = self.prefix + "seq/head"
+        result = await self.etcd.txn(
+            [etcd.created(self.prefix + "seq/owner", self._owner_rev),
+             etcd.modified(head, self._head_rev)],
+            [etcd.put(self.prefix + BLOCK_KEY.format(entries[0].seq), _block(entries, tags)),
+             etcd.put(head, json.dumps({"seq": entries[-1].seq}).encode()),
+             *self._trim(entries[-1].seq)])
+        if result.succeeded:
+            self._head_seq, self._head_rev = entries[-1].seq, result.revision
+            for e, t in zip(entries, tags, strict=True):
+                self.tags[t] = e
+            return True
+        await self._read_head()  # an earlier incarnation wrote, or another owner
+        return False
+
+    def _trim(self, last: int) -> list[dict[str, Any]]:
+        """Blocks wholly older than what a topic keeps go (with a margin)."""
+        keep = max(self.tail.keep, 1) * 2
+        self._writes += 1
+        if last <= keep or self._writes % 64:  # now and then, not at every block
+            return []
+        return [{"request_delete_range": {
+            "key": etcd._enc(self.prefix + "log/"),
+            "range_end": etcd._enc(self.prefix + BLOCK_KEY.format(max(1, last - keep)))}}]
+
+    # -- following (another host sequences) ------------------------------------------------
+
+    def _send(self, pending: Pending) -> None:
+        rid = next(self._request_ids)
+        self._sent[rid] = pending
+        if self._link is not None:
+            self._request(rid, pending)
+
+    def _request(self, rid: int, pending: Pending) -> None:
+        assert self._link is not None
+        self._link.send({"id": rid, "lines": [[d.sid, d.nick, d.text, d.ts, d.action, d.line, t]
+                                              for d, t in zip(pending.drafts, pending.tags,
+                                                              strict=True)]})
+
+    def _requeue_sent(self) -> None:
+        """We became the sequencer: what we had sent to the old one is ours to commit."""
+        for p in self._sent.values():
+            self._queue.append(p)
+        self._sent.clear()
+
+    def _forward_queue(self) -> None:
+        for p in self._queue:
+            self._send(p)
+        self._queue.clear()
+
+    async def _keep_link(self) -> None:
+        """Keep a link to the sequencer while another host is it, and resend to each new
+        one what has no answer yet."""
+        while True:
+            owner = self.owner
+            if self.sequencing or owner is None or not owner.get("link"):
+                self._link_changed.clear()
+                await self._link_changed.wait()
+                continue
+            try:
+                link = await self._dial(str(owner["link"]), self.key, self.host, self.topic)
+            except LinkError as e:
+                self.log.warning("link_failed", topic=self.topic, to=owner.get("host"),
+                                 error=str(e))
+                await asyncio.sleep(RETRY_S * 4)
+                continue
+            self._link = link
+            self.log.info("link_up", topic=self.topic, to=owner.get("host"))
+            for rid, p in list(self._sent.items()):
+                self._request(rid, p)
+            self._link_changed.clear()
+            reader = asyncio.ensure_future(self._read_replies(link))
+            changed = asyncio.ensure_future(self._link_changed.wait())
+            await asyncio.wait([reader, changed], return_when=asyncio.FIRST_COMPLETED)
+            reader.cancel()
+            changed.cancel()
+            link.close()
+            self._link = None
+
+    async def _read_replies(self, link: Link) -> None:
+        with contextlib.suppress(LinkError):
+            while True:
+                msg = await link.recv()
+                p = self._sent.pop(int(msg.get("id", 0)), None)
+                if p is None:
+                    continue
+                if "e" in msg:
+                    p.answer([Posted(*r) for r in msg["e"]])
+                else:  # not the sequencer (any more): keep it for the next one
+                    self._sent[int(msg["id"])] = p
+                    self._link_changed.set()
+                    return
+
+    # -- the sequencer's side of links ------------------------------------------------
+
+    async def serve_link(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        """A follower's link, passed to us by our router."""
+        try:
+            link = await links.accept(reader, writer, self.key, self.topic)
+        except LinkError as e:
+            self.log.warning("link_refused", topic=self.topic, error=str(e))
+            writer.close()
+            return
+        self.log.info("link_accepted", topic=self.topic, peer=link.peer)
+        try:
+            while True:
+                msg = await link.recv()
+                rid = msg.get("id")
+                rows = msg.get("lines")
+                if not isinstance(rid, int) or not isinstance(rows, list):
+                    raise LinkError("bad request")
+                if not self.sequencing:
+                    link.send({"id": rid, "error": "not_sequencer"})
+                    continue
+                drafts, tags = [], []
+                for r in rows:
+                    sid, nick, text, ts, action, line, tag = r
+                    drafts.append(Draft(str(sid), str(nick), str(text), float(ts),
+                                        bool(action), line if isinstance(line, int) else None))
+                    tags.append(str(tag))
+                p = Pending(drafts, tags)
+                self._queue.append(p)
+                self._work.set()
+                p.future.add_done_callback(functools.partial(self._reply, link, rid))
+        except (LinkError, ValueError, TypeError) as e:
+            self.log.info("link_closed", topic=self.topic, peer=link.peer, reason=str(e))
+        finally:
+            link.close()
+
+    @staticmethod
+    def _reply(link: Link, rid: int, f: asyncio.Future[list[Posted]]) -> None:
+        if f.cancelled() or f.exception() is not None:
+            return
+        with contextlib.suppress(Exception):
+            link.send({"id": rid, "e": [list(p) for p in f.result()]})
+
+
+def node_id() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}"
+
+
+__all__ = ["ClusterTopicLog", "EtcdUnavailable"]
