@@ -223,7 +223,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.config:
         cfg = config.load(args.config)
-        env["THEYCHAT_SERVER"] = f"{cfg.listen.host}:{cfg.listen.port}"
+        here = f"{cfg.listen.host}:{cfg.listen.port}"
+        # This host's door first, then the cluster's others.
+        doors = [here] + [d for d in (cfg.cluster.front_doors if cfg.cluster else [])
+                          if d != here]
+        env["THEYCHAT_SERVER"] = ",".join(doors)
     argv = [sys.executable, "-m", "theychat.client", *args.client_args]
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)

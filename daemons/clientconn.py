@@ -159,7 +159,7 @@ class ClientConn(asyncio.Protocol):
             if item is None:
                 continue
             if not self.bucket.allow(time.monotonic()):
-                self._rate_limited()
+                self._rate_limited(item.line if isinstance(item, Say) else None)
                 continue
             self._errors_in_a_row = self._dropped_in_a_row = 0
             pending = self.owner.handle(self, item)
@@ -187,10 +187,11 @@ class ClientConn(asyncio.Protocol):
         if self._errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
             self.close("too many bad lines in a row", abort=True)
 
-    def _rate_limited(self) -> None:
+    def _rate_limited(self, line: int | None) -> None:
         self._dropped_in_a_row += 1
-        if self._dropped_in_a_row == 1:
-            self.send(render.error("rate_limited", "too many lines; slow down (line dropped)"))
+        if self._dropped_in_a_row == 1 or line is not None:  # a numbered line: its answer
+            self.send(render.error("rate_limited", "too many lines; slow down (line dropped)",
+                                   line=line))
         elif self._dropped_in_a_row > 5 * self.limits.rate_burst:
             self.close("flooding", abort=True)
 

@@ -120,6 +120,9 @@ class ClusterTopicLog:
     def last(self, n: int) -> list[Posted]:
         return self.tail.last(n)
 
+    def last_line(self, sid: str) -> int | None:
+        return self.tail.last_line(sid)
+
     def follow(self, on_commit: OnCommit) -> None:
         self._followers.append(on_commit)
 
@@ -319,6 +322,10 @@ class ClusterTopicLog:
         try:
             if self._head_rev == 0 and self._head_seq == 0:
                 await self._read_head()
+            if self.tail.last_seq < self._head_seq:
+                # Know every committed tag first: a line resent to us may be in a block
+                # an earlier sequencer wrote that our watch has not brought yet.
+                await self._catch_up(self.tail.last_seq + 1, self._head_seq + 1)
             fresh: list[tuple[Draft, str]] = []
             taken: dict[str, Posted] = {}
             for p in batch:

@@ -48,12 +48,12 @@ class Commands:
 
     def handle(self, conn: Any, item: Say | Command) -> Pending:
         if isinstance(item, Say):
-            return self.say(conn, item.text)
+            return self.say(conn, item.text, item.line)
         method = getattr(self, f"cmd_{item.name}")
         result: Pending = method(conn, item)
         return result
 
-    def say(self, conn: Any, text: str) -> Pending:
+    def say(self, conn: Any, text: str, line: int | None = None) -> Pending:
         raise NotImplementedError
 
     def lost(self, conn: Any, reason: str) -> None:

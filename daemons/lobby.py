@@ -32,6 +32,7 @@ from theychat.daemons.tree import holder
 
 # Checked against when /oper names no operator, so a wrong name costs as long as a wrong
 # password (no timing oracle for operator names).
+MOVE_RETRY_S = 0.1  # between tries to reach a restarting topic server
 UNKNOWN_OPERATOR_HASH = passwords.make("no operator has this password")
 
 
@@ -134,10 +135,10 @@ class Lobby(Commands):
 
     # -- what people say and ask in the lobby ----------------------------------------------
 
-    def say(self, conn: Conn, text: str) -> Pending:
+    def say(self, conn: Conn, text: str, line: int | None = None) -> Pending:
         topics = ", ".join(self.dir.topics)
         conn.send(render.error("in_lobby", f"you are in the lobby: /join a topic to talk "
-                                           f"({topics})"))
+                                           f"({topics})", line=line))
         return None
 
     def _in_lobby(self, conn: Conn, what: str) -> Pending:
@@ -194,15 +195,27 @@ class Lobby(Commands):
             return None
         return self.move_to(conn, topic)
 
-    async def move_to(self, conn: Any, topic: str, resume_after: int | None = None) -> None:
+    async def move_to(self, conn: Any, topic: str, resume_after: int | None = None,
+                      resumed: bool = False, patience: float = 0.0) -> None:
+        """Hand the person to the topic's server; for `patience` seconds a server that
+        cannot be reached (it is restarting) is asked again."""
         sid = conn.sid
-        try:
-            await self.sockets.move(conn, topic, ops.Adopt(session=conn.record(),
-                                                           resume_after=resume_after))
-        except ControlError as e:
-            self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
-            conn.send(handoff_error(e, f"topic {topic} is unavailable right now; try again"))
-            return
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                await self.sockets.move(conn, topic, ops.Adopt(session=conn.record(),
+                                                               resume_after=resume_after,
+                                                               resumed=resumed))
+                break
+            except ControlError as e:
+                if e.code == "unavailable" and time.monotonic() < deadline \
+                        and topic not in self.topics.unavailable and not conn.close_reason:
+                    await asyncio.sleep(MOVE_RETRY_S)
+                    continue
+                self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
+                conn.send(handoff_error(e, f"topic {topic} is unavailable right now; "
+                                           "try again"))
+                return
         await self.dir.move(sid, topic)
         self.log.info("handoff", session=sid, nick=self.nick(sid), to=topic)
 
@@ -342,7 +355,9 @@ class Lobby(Commands):
         self.log.info("session_resumed", session=s.sid, nick=s.nick, topic=target)
         conn.send({"type": "resumed", "session": s.sid, "nick": s.nick, "topic": target})
         if target is not None and target not in self.topics.unavailable:
-            await self.move_to(conn, target, resume_after=last_seq)
+            # Its server may be restarting (it died with its monitor, say): wait for it.
+            await self.move_to(conn, target, resume_after=last_seq, resumed=True,
+                               patience=self.cfg.supervision.start_timeout_ms / 1000)
 
     # -- what topic servers tell the directory ----------------------------------------------
 

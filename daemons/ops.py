@@ -109,6 +109,7 @@ class Adopt(Op, name="adopt"):
     came_from: str | None = field(default=None, metadata=_name("a topic name"))
     notice: str | None = None
     resume_after: int | None = None  # a resume: send what came after this seq
+    resumed: bool = False  # a resume: end with `caught_up` (the last line taken)
 
     def pending_bytes(self) -> bytes:
         try:

@@ -116,6 +116,9 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("kick", "/kick NICK [REASON]", "operators: send NICK back to the lobby"),
         CommandSpec("ban", "/ban NICK", "operators: keep NICK out of this topic"),
         CommandSpec("drop", "/drop TOPIC", "operators: close TOPIC and forget it"),
+        CommandSpec("say", "/say N TEXT",
+                    "send TEXT as your line N (programs number their lines: a line sent "
+                    "again after a reconnect is taken once)"),
         CommandSpec("json", "/json [on|off]", "one JSON object per line, for programs"),
         CommandSpec("help", "/help [COMMAND]", "list the commands, or explain one"),
         CommandSpec("quit", "/quit", "disconnect"),
@@ -125,9 +128,10 @@ COMMANDS: dict[str, CommandSpec] = {
 
 @dataclass(frozen=True)
 class Say:
-    """A plain line: a message to the current topic."""
+    """A plain line: a message to the current topic, numbered by `/say N` or not."""
 
     text: str
+    line: int | None = None  # the sender's number for it (increasing within a session)
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class Command:
 
 
 HISTORY_MAX = 1000
+LINE_MAX = 2**53  # a line number fits every JSON reader's integers
 
 
 def parse(line: str) -> Say | Command | None:
@@ -166,6 +171,13 @@ def parse(line: str) -> Say | Command | None:
                 code="bad_name",
             )
         return Command(name, arg=rest)
+    if name == "say":
+        number, _, text = rest.partition(" ")
+        text = sanitize(text).rstrip()
+        if not (number.isascii() and number.isdigit()) or not 1 <= int(number) <= LINE_MAX \
+                or not text.strip():
+            raise BadArguments(f"usage: {usage} with N a whole number from 1")
+        return Say(text, line=int(number))
     if name == "me":
         text = sanitize(rest).strip()
         if not text:

@@ -78,8 +78,8 @@ def text_lines(event: Event) -> list[str]:
         return ["* " + line for line in event["lines"]]
     if t in ("ok", "notice", "bye"):
         return [f"* {event['text']}"] if event.get("text") else []
-    if t == "sent":
-        return []  # a person saw what they typed; programs get the seq in JSON mode
+    if t in ("sent", "caught_up"):
+        return []  # a person saw what they typed; programs get the numbers in JSON mode
     return [f"* {event.get('text', t)}"]
 
 
@@ -100,5 +100,9 @@ def encode(event: Event, json_mode: bool) -> bytes:
     return encode_json(event) if json_mode else encode_text(event)
 
 
-def error(code: str, text: str) -> Event:
-    return {"type": "error", "code": code, "text": text}
+def error(code: str, text: str, line: int | None = None) -> Event:
+    """An error; `line`: the number of the client's line it refuses (`/say N`)."""
+    event: Event = {"type": "error", "code": code, "text": text}
+    if line is not None:
+        event["line"] = line
+    return event

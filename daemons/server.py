@@ -92,6 +92,9 @@ class Server:
         # Only now: a line sent during the outage must reach every member, so none may
         # be handled before all are back.
         for conn in self.sockets:
+            # What our last incarnation read but did not log is gone from the socket: a
+            # client that numbers its lines sends again those after this one.
+            conn.send(self.members.caught_up(conn.sid, restarted=True))
             conn.start()
         self.sockets.start()
         await ctl.start()
@@ -158,7 +161,7 @@ class Server:
                 if conn.sid != e.sid:
                     conn.send(event)
                 elif conn.json:
-                    conn.send({"type": "sent", "topic": self.topic, "seq": e.seq})
+                    conn.send(self.members.sent(e))
         if unsent:
             self.log.info("unsent_delivered", count=len(unsent), first=unsent[0].seq)
         self.fanned.set(self.topic_log.last_seq)

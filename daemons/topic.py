@@ -31,6 +31,7 @@ from theychat.daemons.topiclog import Draft, Posted, TopicLog
 from theychat.daemons.tree import ROOT, DaemonId, Role
 
 DEFAULT_HISTORY_LINES = 20
+RESYNC_S = 5.0  # after a restart, how long a client has to send its lost lines again
 ROUTER = DaemonId(ROOT)
 
 
@@ -50,6 +51,8 @@ class TopicCommands(Commands):
         self.closing = False  # shutting down: connections end, but nobody left
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unanswered: set[asyncio.Future[list[Posted]]] = set()  # lines in the log's hands
+        # After a restart: session -> (the line it must send next, until when we wait).
+        self._expect: dict[str, tuple[int, float]] = {}
         log.follow(self.fan_out)
         room.store.watch(BAN, self.banned_elsewhere)
 
@@ -123,16 +126,21 @@ class TopicCommands(Commands):
 
     # -- talking --------------------------------------------------------------------------------
 
-    def say(self, conn: Conn, text: str, action: bool = False) -> Pending:
+    def say(self, conn: Conn, text: str, line: int | None = None,
+            action: bool = False) -> Pending:
         if not text:
             return None
-        draft = Draft(conn.sid, self.nick(conn), text, time.time(), action)
+        if line is not None and self._expect and self._out_of_turn(conn.sid, line):
+            return None
+        draft = Draft(conn.sid, self.nick(conn), text, time.time(), action, line)
         appended = self.topic_log.append([draft])
         self._unanswered.add(appended)  # type: ignore[arg-type]
-        appended.add_done_callback(lambda f: self._said(f, conn))  # type: ignore[attr-defined]
+        appended.add_done_callback(  # type: ignore[attr-defined]
+            lambda f: self._said(f, conn, line))
         return None
 
-    def _said(self, appended: asyncio.Future[list[Posted]], conn: Conn) -> None:
+    def _said(self, appended: asyncio.Future[list[Posted]], conn: Conn,
+              line: int | None) -> None:
         """Acknowledge what the log took; say so when it took nothing (never silence)."""
         self._unanswered.discard(appended)
         if self.sockets.get(conn.sid) is not conn:
@@ -140,11 +148,44 @@ class TopicCommands(Commands):
         if appended.cancelled() or appended.exception() is not None:
             conn.send(render.error("not_saved", f"your line was not saved: the server of "
                                                 f"{self.topic} cannot write its log right "
-                                                "now; nobody saw it"))
+                                                "now; nobody saw it", line=line))
             return
         if conn.json:
             for e in appended.result():
-                conn.send({"type": "sent", "topic": self.topic, "seq": e.seq})
+                conn.send(self.sent(e))
+
+    def sent(self, e: Posted) -> Event:
+        """The acknowledgement of a line, to its sender."""
+        sent: Event = {"type": "sent", "topic": self.topic, "seq": e.seq}
+        if e.line is not None:
+            sent["line"] = e.line
+        return sent
+
+    def caught_up(self, sid: str, restarted: bool = False) -> Event:
+        """After a resume or a restart: the client sends again its lines after this one
+        (those the log has not taken).
+
+        After a restart (`restarted`) the socket is the same: lines after those our last
+        incarnation read and lost may still be in it, ahead of the client's resends. They
+        are dropped until the next line in order arrives (the client sends them all
+        again), so that a sender's lines keep their order; for at most RESYNC_S, in case
+        the client does not send again."""
+        last = self.topic_log.last_line(sid)
+        if restarted and last is not None:
+            self._expect[sid] = (last + 1, time.monotonic() + RESYNC_S)
+        return {"type": "caught_up", "topic": self.topic, "last_line": last}
+
+    def _out_of_turn(self, sid: str, line: int) -> bool:
+        expect = self._expect.get(sid)
+        if expect is None:
+            return False
+        want, until = expect
+        if line < want:
+            return False  # taken already: answered as before
+        if line == want or time.monotonic() > until:
+            del self._expect[sid]
+            return False
+        return True
 
     def cmd_me(self, conn: Conn, cmd: Command) -> Pending:
         return self.say(conn, cmd.text, action=True)
@@ -382,6 +423,8 @@ class TopicCommands(Commands):
             conn.send({"type": "history", "topic": self.topic, "on_join": True,
                        "messages": [e.event(self.topic)
                                     for e in self.topic_log.last(self.cfg.history.on_join)]})
+        if op.resumed:
+            conn.send(self.caught_up(sid))
         self.announce(written, nick, "joined", skip=sid)
         if op.notice:
             conn.send({"type": "notice", "text": op.notice})

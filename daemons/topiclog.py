@@ -83,6 +83,11 @@ class TopicLog(Protocol):
         """The latest `n` committed entries."""
         ...
 
+    def last_line(self, sid: str) -> int | None:
+        """The highest line number of session `sid` committed, as far as the log keeps
+        it (None: none known). A resumed client sends again what came after it."""
+        ...
+
     def follow(self, on_commit: OnCommit) -> None:
         """Call `on_commit(entries)` for every later commit, in order."""
         ...
@@ -98,15 +103,20 @@ class Tail:
 
     def __init__(self, keep: int) -> None:
         self.keep = max(keep, 0)
-        self.entries: deque[Posted] = deque(maxlen=self.keep or None)
+        self.entries: deque[Posted] = deque()
         self.next_seq = 1  # the number the next appended line gets
         self.last_seq = 0  # the highest committed
         self.lines: dict[str, Posted] = {}  # session -> its latest numbered line
+        self.evicted: dict[str, int] = {}  # session -> its highest line no longer kept
 
     def add(self, entries: Iterable[Posted]) -> None:
         """Entries appended (numbered), not yet committed."""
         for e in entries:
             if self.keep:
+                if len(self.entries) == self.keep:
+                    old = self.entries.popleft()
+                    if old.line is not None and old.sid is not None:
+                        self.evicted[old.sid] = old.line
                 self.entries.append(e)
             self.next_seq = max(self.next_seq, e.seq + 1)
             if e.line is not None and e.sid is not None:
@@ -114,10 +124,13 @@ class Tail:
         if len(self.lines) > 4 * max(self.keep, 256):  # forget sessions long quiet
             recent = {e.sid for e in self.entries}
             self.lines = {s: p for s, p in self.lines.items() if s in recent}
+            self.evicted = {s: n for s, n in self.evicted.items() if s in recent}
 
     def taken(self, d: Draft) -> Posted | None:
         """The entry a numbered line already got, if its session had it taken: itself if
-        it is still kept, else the session's latest (an older resend)."""
+        it is still kept; the session's latest if it is no longer kept (taken long ago).
+        A number below the latest that was never here was lost on the way (read by a
+        server that died before logging it) and is new."""
         if d.line is None:
             return None
         latest = self.lines.get(d.sid)
@@ -125,10 +138,21 @@ class Tail:
             return None
         if latest.line == d.line:
             return latest
-        return next((e for e in self.entries if e.sid == d.sid and e.line == d.line), latest)
+        same = next((e for e in self.entries if e.sid == d.sid and e.line == d.line), None)
+        if same is not None:
+            return same
+        return latest if d.line <= self.evicted.get(d.sid, 0) else None
 
     def commit(self, seq: int) -> None:
         self.last_seq = max(self.last_seq, seq)
+
+    def last_line(self, sid: str) -> int | None:
+        latest = self.lines.get(sid)
+        if latest is None or latest.seq <= self.last_seq:
+            return None if latest is None else latest.line
+        older = [e.line for e in self.entries
+                 if e.sid == sid and e.line is not None and e.seq <= self.last_seq]
+        return older[-1] if older else None
 
     def after(self, seq: int) -> list[Posted]:
         return [e for e in self.entries if seq < e.seq <= self.last_seq]
@@ -187,7 +211,12 @@ class TailLog:
         fresh = [d for d, a in zip(drafts, answers, strict=True) if a is None]
         result: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
         if not fresh:
-            result.set_result([a for a in answers if a is not None])
+            taken = [a for a in answers if a is not None]
+            last = self._last
+            if max(a.seq for a in taken) <= self.tail.last_seq or last is None:
+                result.set_result(taken)
+            else:  # still on its way to disk: answered once it is there, never before
+                last.add_done_callback(lambda f: self._answer(f, result, taken))
             return result
         seq = self.tail.next_seq
         entries = [Posted(seq + i, round(d.ts, 3), d.nick, d.text, d.action, d.sid, d.line)
@@ -203,23 +232,31 @@ class TailLog:
 
         durable = self._persist(entries, committed)
 
-        def answered(f: asyncio.Future[list[Posted]]) -> None:
-            if f.cancelled():
-                result.cancel()
-            elif f.exception() is not None:
-                result.set_exception(f.exception())  # type: ignore[arg-type]
-            else:
-                result.set_result(ordered)
-
-        durable.add_done_callback(answered)
+        durable.add_done_callback(lambda f: self._answer(f, result, ordered))
         self._last = durable
         return result
+
+    @staticmethod
+    def _answer(durable: asyncio.Future[list[Posted]], result: asyncio.Future[list[Posted]],
+                entries: list[Posted]) -> None:
+        """`result` gets `entries` once `durable` (the batch that commits them) did."""
+        if result.done():
+            return
+        if durable.cancelled():
+            result.cancel()
+        elif durable.exception() is not None:
+            result.set_exception(durable.exception())  # type: ignore[arg-type]
+        else:
+            result.set_result(entries)
 
     def after(self, seq: int) -> list[Posted]:
         return self.tail.after(seq)
 
     def last(self, n: int) -> list[Posted]:
         return self.tail.last(n)
+
+    def last_line(self, sid: str) -> int | None:
+        return self.tail.last_line(sid)
 
     def follow(self, on_commit: OnCommit) -> None:
         self._followers.append(on_commit)

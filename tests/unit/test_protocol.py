@@ -331,13 +331,37 @@ class TestParse:
             "history": "/history 3", "json": "/json off", "help": "/help msg",
             "quit": "/quit", "resume": "/resume 3f9a 7", "me": "/me waves",
             "create": "/create go", "oper": "/oper root pw", "kick": "/kick bob spam",
-            "ban": "/ban bob", "drop": "/drop go",
+            "ban": "/ban bob", "drop": "/drop go", "say": "/say 1 hi",
         }
         assert set(samples) == set(COMMANDS), "a command was added: give it a sample"
         for name, line in samples.items():
             result = parse(line)
+            if name == "say":  # a numbered message
+                assert result == Say("hi", line=1)
+                continue
             assert isinstance(result, Command)
             assert result.name == name
+
+    @pytest.mark.parametrize(
+        ("line", "expected"),
+        [
+            ("/say 1 hello", Say("hello", line=1)),
+            ("/say 7   two leading spaces kept", Say("  two leading spaces kept", line=7)),
+            ("/say 9 /usr/bin", Say("/usr/bin", line=9)),  # taken as is: no // escape
+            ("/SAY 12 x \x1b[31mred", Say("x red", line=12)),
+            (f"/say {2**53} last", Say("last", line=2**53)),
+        ],
+    )
+    def test_numbered_messages(self, line: str, expected: Say) -> None:
+        assert parse(line) == expected
+
+    @pytest.mark.parametrize(
+        "line", ["/say", "/say 3", "/say 3   ", "/say x hi", "/say 0 hi", "/say -1 hi",
+                 "/say ² hi", f"/say {2**53 + 1} hi", "/say 1.5 hi"],
+    )
+    def test_bad_numbered_messages(self, line: str) -> None:
+        with pytest.raises(BadArguments, match="usage: /say N TEXT"):
+            parse(line)
 
     @pytest.mark.parametrize(
         "line", ["/JOIN rust", "/Join rust", "/jOiN   rust  "],

@@ -280,3 +280,28 @@ def test_a_failed_append_commits_nothing_and_says_so() -> None:
         assert heard == [] and log.last(5) == [] and log.last_seq == 0
 
     run(body())
+
+
+def test_a_numbered_line_is_taken_once_and_a_lost_one_later_is_new() -> None:
+    from theychat.daemons.topiclog import Tail
+
+    tail = Tail(keep=3)
+
+    def posted(seq: int, line: int) -> Posted:
+        return Posted(seq, 0.0, "ann", f"line {line}", False, "s1", line)
+
+    def draft(line: int) -> Draft:
+        return Draft("s1", "ann", f"line {line}", 0.0, False, line)
+
+    # Line 3 was read by a server that died before logging it; 4 and 5 went on.
+    for seq, line in enumerate((1, 2, 4, 5), start=1):
+        tail.add([posted(seq, line)])
+    tail.commit(4)
+    assert tail.taken(draft(5)) == posted(4, 5)  # the latest: itself
+    assert tail.taken(draft(4)) == posted(3, 4)  # kept: itself
+    assert tail.taken(draft(3)) is None  # never here: new
+    assert tail.taken(draft(6)) is None  # after the latest: new
+    assert tail.taken(draft(1)) == posted(4, 5)  # no longer kept: taken long ago
+    assert tail.last_line("s1") == 5 and tail.last_line("s2") is None
+    tail.add([posted(5, 6)])  # appended, not yet committed
+    assert tail.last_line("s1") == 5

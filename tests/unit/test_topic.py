@@ -39,9 +39,10 @@ class Topic:
         self.sockets.owner = self.cmds
 
     async def join(self, sid: str, nick: str, json_mode: bool = True,
-                   resume_after: int | None = None) -> ClientConn:
+                   resume_after: int | None = None, resumed: bool = False) -> ClientConn:
         reply = await self.cmds.adopt(ops.Adopt(session=ops.Conn(sid=sid, json=json_mode),
-                                                nick=nick, resume_after=resume_after), [])
+                                                nick=nick, resume_after=resume_after,
+                                                resumed=resumed), [])
         assert reply["ok"], reply
         await asyncio.sleep(0)
         return self.sockets.conns[sid]
@@ -116,6 +117,73 @@ def test_a_resume_gets_exactly_what_was_missed() -> None:
         bob = await t.join("b", "bob", resume_after=1)
         got = take(bob)
         assert [e.get("text") for e in got[1:]] == ["two", "three"]
+
+    run(body)
+
+
+def test_a_numbered_line_sent_again_is_taken_once_and_answered_as_before() -> None:
+    async def body() -> None:
+        t = Topic()
+        ann, bob = await t.join("a", "ann"), await t.join("b", "bob")
+        take(ann), take(bob)
+        for line in ("/say 1 one", "/say 2 two", "/say 1 one", "/say 2 two", "/say 3 three"):
+            await typed(t.cmds, ann, line)
+        await asyncio.sleep(0)  # an answer waits for its batch's future, then is sent
+        assert [(e["seq"], e["line"]) for e in take(ann)] == [(1, 1), (2, 2), (1, 1), (2, 2),
+                                                              (3, 3)]
+        assert [e["text"] for e in take(bob)] == ["one", "two", "three"]
+
+    run(body)
+
+
+def test_a_resend_of_a_line_still_on_its_way_to_disk_is_answered_once_it_is_there() -> None:
+    class Slow(MemoryTopicLog):
+        """Commits when the test says so."""
+
+        def __init__(self) -> None:
+            super().__init__(100)
+            self.held: list[tuple[Callable[[], None], asyncio.Future[list[Posted]],
+                                  list[Posted]]] = []
+
+        def _persist(self, entries: list[Posted],
+                     on_durable: Callable[[], None]) -> asyncio.Future[list[Posted]]:
+            fut: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
+            self.held.append((on_durable, fut, entries))
+            return fut
+
+        def release(self) -> None:
+            for on_durable, fut, entries in self.held:
+                on_durable()
+                fut.set_result(entries)
+            self.held.clear()
+
+    async def body() -> None:
+        log = Slow()
+        t = Topic(log=log)
+        ann, bob = await t.join("a", "ann"), await t.join("b", "bob")
+        take(ann), take(bob)
+        await typed(t.cmds, ann, "/say 1 one")
+        await typed(t.cmds, ann, "/say 1 one")  # again, before the first is durable
+        assert take(ann) == [] and take(bob) == []  # nothing acknowledged before the disk
+        log.release()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert [(e["seq"], e["line"]) for e in take(ann)] == [(1, 1), (1, 1)]
+        assert [e["text"] for e in take(bob)] == ["one"]
+
+    run(body)
+
+
+def test_a_resume_ends_with_the_last_line_taken_and_a_refused_line_names_its_number() -> None:
+    async def body() -> None:
+        t = Topic()
+        ann = await t.join("a", "ann")
+        for line in ("/say 1 one", "plain", "/say 2 two"):
+            await typed(t.cmds, ann, line)
+        again = await t.join("a", "ann", resume_after=3, resumed=True)
+        assert take(again)[-1] == {"type": "caught_up", "topic": "rust", "last_line": 2}
+        bob = await t.join("b", "bob", resume_after=0, resumed=True)
+        assert take(bob)[-1] == {"type": "caught_up", "topic": "rust", "last_line": None}
 
     run(body)
 
