@@ -21,6 +21,7 @@ At the end of input it sends /quit. Standard library only; `python -m theychat.c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -49,6 +50,42 @@ Door = tuple[str, int]
 
 class Disconnected(Exception):
     pass
+
+
+class Pacer:
+    """A token bucket a little below the server's (`clients.rate_per_second` and
+    `rate_burst`): what the client sends is never dropped for flooding, even a paste or
+    the lines sent again after a resume."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate * 0.9
+        self.burst = max(1.0, burst - 2.0)
+        self.tokens = self.burst
+        self.at = time.monotonic()
+
+    @classmethod
+    def of(cls, limits: Any) -> Pacer | None:
+        if not isinstance(limits, dict):
+            return None  # an older server: send as typed
+        rate, burst = limits.get("rate_per_second"), limits.get("rate_burst")
+        if not isinstance(rate, int | float) or not isinstance(burst, int) or rate <= 0:
+            return None
+        return cls(float(rate), burst)
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def wait_s(self, now: float) -> float:
+        self._refill(now)
+        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 def parse_doors(text: str, default_port: int = DEFAULT_PORT) -> list[Door]:
@@ -89,7 +126,11 @@ class LineClient:
         self.show_json = False  # the person typed /json: show raw JSON lines
         self.quitting = False
         self.finished = False  # the server ended the conversation on purpose
-        self.outbox: deque[tuple[int | None, bytes]] = deque()  # (line number, line)
+        # Lines not sent yet, as (line number, line): held while (re)connecting, then
+        # paced to stay under the server's input limits (told in the /json answer).
+        self.outbox: deque[tuple[int | None, bytes]] = deque()
+        self.paced: deque[tuple[int | None, bytes]] = deque()
+        self.pacer: Pacer | None = None
         self._inbuf = b""
         self._json_acks = 0  # our own /json requests whose reply we swallow
         self.resuming = False  # typed lines wait until the session is ours again
@@ -97,9 +138,10 @@ class LineClient:
         self._resumes_left = 0
         self.next_line = 1  # the number of the next message typed
         self.unacked: dict[int, bytes] = {}  # sent, not yet acknowledged: number -> line
-        self.queued: set[int] = set()  # numbered lines in the outbox (never sent yet)
+        self.queued: set[int] = set()  # numbered lines not sent yet (outbox or paced)
         self.moved_at: int | None = None  # last line number before a /join etc.
         self.caught_up_by: float | None = None  # a resume waits for `caught_up` until
+        self.exit_status = 0
 
     @property
     def host(self) -> str:
@@ -136,6 +178,7 @@ class LineClient:
         kind = event.get("type")
         if kind == "ok" and event.get("cmd") == "json" and self._json_acks:
             self._json_acks -= 1
+            self.pacer = Pacer.of(event.get("limits"))
             return
         self._track(event)
         if self.show_json:
@@ -227,19 +270,20 @@ class LineClient:
         if self.resuming:
             self.resuming = False  # our lines first, in their order, then the rest
             self.outbox.extendleft(reversed([(n, self.unacked[n]) for n in again]))
+            self.queued.update(again)
             self._resumed()
         else:  # a restart of the topic's server: the socket stayed, lines may not have
             for n in again:
-                self._send_now(n, self.unacked[n])
+                self._offer(n, self.unacked[n])
 
     def _resumed(self) -> None:
         """The resume is settled: what was typed meanwhile goes out now, in order."""
         self.resuming = False
         self.caught_up_by = None
-        while self.outbox and self.sock is not None:
-            n, data = self.outbox.popleft()
-            self.queued.discard(n)
-            self._send_now(n, data)
+        if self.sock is not None:
+            self.paced.extend(self.outbox)
+            self.outbox.clear()
+            self._pump()
 
     def _resume_line(self) -> bytes:
         after = f" {self.last_seq}" if self.topic and self.last_seq is not None else ""
@@ -281,10 +325,10 @@ class LineClient:
         if self.sock is None or (self.resuming and queue_ok):
             self._queue(line, data)
             return
-        self._send_now(line, data)
+        self._offer(line, data)
 
     def _queue(self, line: int | None, data: bytes) -> None:
-        if len(self.outbox) >= OUTBOX_MAX:
+        if len(self.outbox) + len(self.paced) >= OUTBOX_MAX:
             self._note(f"{OUTBOX_MAX} lines wait to be sent already; this one is dropped")
             if line is not None:
                 self.unacked.pop(line, None)
@@ -293,15 +337,31 @@ class LineClient:
         if line is not None:
             self.queued.add(line)
 
-    def _send_now(self, line: int | None, data: bytes) -> None:
-        if self.sock is None:
-            self._queue(line, data)
-            return
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            self._queue(line, data)
-            raise Disconnected from None
+    def _offer(self, line: int | None, data: bytes) -> None:
+        """Send now, or as soon as the server's rate limit allows (in order)."""
+        if line is not None:
+            self.queued.add(line)
+        self.paced.append((line, data))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send what the rate limit allows of the paced lines."""
+        while self.paced and self.sock is not None:
+            if self.pacer is not None and not self.pacer.take(time.monotonic()):
+                return
+            line, data = self.paced[0]
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self._unsent()
+                raise Disconnected from None
+            self.paced.popleft()
+            self.queued.discard(line)
+
+    def _unsent(self) -> None:
+        """The connection is gone: what was not sent waits for the next one, in order."""
+        self.outbox.extendleft(reversed(self.paced))
+        self.paced.clear()
 
     def _numbered(self, line: bytes) -> tuple[int | None, bytes]:
         """A message goes out as `/say N TEXT`, kept until acknowledged; commands as
@@ -351,11 +411,17 @@ class LineClient:
         pending_in = b""
         try:
             while True:
-                if self.caught_up_by is not None and time.monotonic() > self.caught_up_by:
-                    self._note("the server did not say which line it took last; "
-                               "sending on")
-                    self._caught_up(None)
-                for key, _ in sel.select(1.0 if self.caught_up_by is not None else None):
+                try:
+                    self._pump()
+                    if self.caught_up_by is not None and time.monotonic() > self.caught_up_by:
+                        self._note("the server did not say which line it took last; "
+                                   "sending on")
+                        self._caught_up(None)
+                except Disconnected:
+                    if not self._recover(sel):
+                        return self.exit_status
+                    continue
+                for key, _ in sel.select(self._wait()):
                     try:
                         if key.data == "stdin":
                             chunk = os.read(stdin_fd, 65536)
@@ -372,23 +438,46 @@ class LineClient:
                         else:
                             self._read()
                     except Disconnected:
-                        if self.finished or self.quitting:
-                            return 0
-                        sel.unregister(self.sock)
-                        ending = self.shutting_down
-                        self.sock = self._reconnect()
-                        if self.sock is None:
-                            if ending:
-                                return 0  # TheyChat was shut down: the conversation is over
-                            self._note("could not reconnect; giving up")
-                            return 1
-                        sel.register(self.sock, selectors.EVENT_READ, "sock")
-                        if not self.resuming:
-                            self._resumed()
+                        if not self._recover(sel):
+                            return self.exit_status
+                        break  # the selector changed
         except KeyboardInterrupt:
             return 130
         except BrokenPipeError:
             return 0  # our stdout went away (`| head`): quit quietly, like nc
+
+    def _wait(self) -> float | None:
+        """How long select() may wait: until the next paced line may go, or the
+        deadline of a resume's caught_up."""
+        waits = []
+        if self.paced and self.pacer is not None:
+            waits.append(self.pacer.wait_s(time.monotonic()))
+        if self.caught_up_by is not None:
+            waits.append(max(0.0, self.caught_up_by - time.monotonic()))
+        return min(waits) if waits else None
+
+    def _recover(self, sel: selectors.BaseSelector) -> bool:
+        """The connection dropped: reconnect and resume; False to end (`exit_status`)."""
+        self._unsent()
+        if self.finished or self.quitting:
+            self.exit_status = 0
+            return False
+        assert self.sock is not None
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(self.sock)
+        ending = self.shutting_down
+        self.sock = self._reconnect()
+        if self.sock is None:
+            if ending:
+                self.exit_status = 0  # TheyChat was shut down: the conversation is over
+                return False
+            self._note("could not reconnect; giving up")
+            self.exit_status = 1
+            return False
+        sel.register(self.sock, selectors.EVENT_READ, "sock")
+        if not self.resuming:
+            self._resumed()
+        return True
 
     def _read(self) -> None:
         assert self.sock is not None

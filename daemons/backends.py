@@ -10,12 +10,13 @@ the same either way; this module is the only place that knows which.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from theychat.daemons.cluster import HostLease, Keys, load_key
 from theychat.daemons.clusterlog import ClusterTopicLog
 from theychat.daemons.config import Config
-from theychat.daemons.etcd import Etcd
+from theychat.daemons.etcd import Etcd, EtcdError
 from theychat.daemons.etcdstore import EtcdStore
 from theychat.daemons.local import LocalLog
 from theychat.daemons.paths import StatePaths
@@ -84,6 +85,8 @@ class TopicState:
             self.log = ClusterTopicLog(topic, self.etcd, keys.topic(topic), c.host,
                                        f"{c.advertise}:{c.port}", cfg.history.size,
                                        load_key(c.key_file), self.lease, log)
+            self._follower_key = keys.topic(topic) + "followers/" + c.host
+        self._register: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.cluster is not None:
@@ -92,6 +95,22 @@ class TopicState:
             await self.lease.start()
             await self.store.start()
             await self.log.start()
+            self._register = asyncio.ensure_future(self._follower())
+
+    async def _follower(self) -> None:
+        """Our host runs a server of this topic, for as long as its lease lives (what
+        `theychat status --cluster` lists as the topic's followers)."""
+        assert self.lease is not None and self.etcd is not None
+        while True:
+            self.lease.changed.clear()
+            lease = self.lease()
+            if lease:
+                try:
+                    await self.etcd.put(self._follower_key, b"{}", lease)
+                except EtcdError:
+                    await asyncio.sleep(1.0)
+                    continue
+            await self.lease.changed.wait()
 
     async def serve_link(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
@@ -108,6 +127,10 @@ class TopicState:
         else:
             assert isinstance(self.log, ClusterTopicLog) and self.lease is not None
             assert isinstance(self.store, EtcdStore) and self.etcd is not None
+            if self._register is not None:
+                self._register.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._register
             await self.log.close()
             await self.store.close()
             await self.lease.close()

@@ -199,6 +199,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg, paths = _load(args.config)
+    if args.cluster:
+        return cluster_status(cfg, args.json)
     rows = gather(cfg, paths)
     healthy = all(r["state"] == "ready" for r in rows)
     if args.json:
@@ -217,6 +219,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def cluster_status(cfg: Config, as_json: bool) -> int:
+    """Every host and every topic's sequencer and followers, from etcd; exit 0 only if
+    every topic has a sequencer."""
+    from theychat.daemons import clusterstatus
+
+    if cfg.cluster is None:
+        raise CliError("--cluster: this config has no `cluster` section (one host)")
+    view = clusterstatus.run(cfg)
+    if as_json:
+        print(json.dumps(view, indent=2))
+    else:
+        print("\n".join(clusterstatus.show(view)))
+    return 0 if all(t["sequencer"] for t in view["topics"]) else 1
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """Run the line client, a program of its own (`python -m theychat.client`, standard
     library only), with the config's address as its default."""
@@ -232,6 +249,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
     return 1  # not reached: execve replaces this process
+
+
+def cmd_cluster_key(args: argparse.Namespace) -> int:
+    from theychat.daemons.cluster import make_key
+
+    make_key(args.file)
+    print(f"wrote {args.file} (mode 0600): copy it to every host of the cluster, readable "
+          "only by the user TheyChat runs as, and name it in cluster.key_file")
+    return 0
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -275,10 +301,16 @@ def parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop every daemon of the state directory")
     status = sub.add_parser("status", help="show the tree; exit 0 only if all are healthy")
     status.add_argument("--json", action="store_true", help="print a JSON list")
+    status.add_argument("--cluster", action="store_true",
+                        help="show the cluster instead (read from etcd): every host, and "
+                             "every topic's sequencer and followers")
     # Every argument but --config goes to the client, which parses (and explains) them.
     chat = sub.add_parser("chat", add_help=False,
                           help="a line client, like nc (`theychat chat --help`)")
     sub.add_parser("hash-password", help="hash an operator password (read from stdin)")
+    key = sub.add_parser("cluster-key", help="make the shared secret of a cluster's hosts "
+                         "(copy the file to every host: cluster.key_file)")
+    key.add_argument("file", metavar="FILE", help="where to write it (must not exist)")
     sd = sub.add_parser("install-systemd",
                         help="install the systemd units and /etc/theychat/theychat.yaml")
     sd.add_argument("--config", metavar="FILE",
@@ -303,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     args.client_args = extra
     os.umask(0o077)
     handler = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "chat": cmd_chat,
-               "hash-password": cmd_hash_password, "install-systemd": cmd_install_systemd,
+               "hash-password": cmd_hash_password, "cluster-key": cmd_cluster_key,
+               "install-systemd": cmd_install_systemd,
                "soak": cmd_soak}
     try:
         return handler[args.command](args)

@@ -13,11 +13,13 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from theychat.daemons import render
+from theychat.daemons.config import Config
 from theychat.daemons.errors import ControlError
 from theychat.daemons.protocol import Command, Say, help_lines
 from theychat.daemons.render import Event
 
 Pending = Awaitable[None] | None
+MOVE_RETRY_S = 0.1  # between tries to reach a topic's server that is (re)starting
 
 
 class Conn(Protocol):
@@ -45,6 +47,7 @@ class Updates(Protocol):
 class Commands:
     log: Any
     sockets: Updates
+    cfg: Config
 
     def handle(self, conn: Any, item: Say | Command) -> Pending:
         if isinstance(item, Say):
@@ -66,8 +69,11 @@ class Commands:
     def cmd_json(self, conn: Conn, cmd: Command) -> Pending:
         conn.json = cmd.arg == "on"
         self.sockets.update(conn)
+        # The limits, so that a program can pace itself (theychat chat does).
+        limits = {"rate_per_second": self.cfg.clients.rate_per_second,
+                  "rate_burst": self.cfg.clients.rate_burst}
         conn.send({"type": "ok", "cmd": "json", "json": conn.json,
-                   "text": f"JSON mode {cmd.arg}"})
+                   "text": f"JSON mode {cmd.arg}", "limits": limits})
         return None
 
     def cmd_quit(self, conn: Conn, cmd: Command) -> Pending:

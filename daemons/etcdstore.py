@@ -52,6 +52,7 @@ class EtcdStore:
         self._watchers: list[tuple[str, OnChange]] = []
         self._own_deletes: set[str] = set()  # deletes we made: not an expiry
         self._pending: set[asyncio.Future[Any]] = set()
+        self._last_write: dict[str, asyncio.Future[Any]] = {}  # per key: writes in order
         self._follow: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
@@ -128,10 +129,26 @@ class EtcdStore:
 
     # -- writes --------------------------------------------------------------------------
 
-    def _run(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
-        task = asyncio.ensure_future(coro)
+    def _run(self, key: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        """A write of `key`, made after the writes of it before (each is an HTTP request
+        of its own: without this a put then a delete could reach etcd the other way)."""
+        before = self._last_write.get(key)
+
+        async def in_turn() -> Any:
+            if before is not None and not before.done():
+                await asyncio.wait([before])
+            return await coro
+
+        task = asyncio.ensure_future(in_turn())
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._last_write[key] = task
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._pending.discard(t)
+            if self._last_write.get(key) is t:
+                del self._last_write[key]
+
+        task.add_done_callback(done)
         return task
 
     async def _lease(self, ttl_s: float | None) -> int:
@@ -158,7 +175,7 @@ class EtcdStore:
                 self.revision = max(self.revision, rev)
             return done
 
-        return self._run(write())
+        return self._run(key, write())
 
     def _restore(self, key: str, before: Entry | None) -> None:
         seen = self.entries.pop(key, None)
@@ -168,14 +185,14 @@ class EtcdStore:
 
     def create(self, key: str, value: Value,
                ttl_s: float | None = None) -> Awaitable[Entry | None]:
-        return self._run(self._conditional(key, value, etcd.created(self.prefix + key, 0),
-                                           ttl_s))
+        return self._run(key, self._conditional(key, value,
+                                                etcd.created(self.prefix + key, 0), ttl_s))
 
     def compare_and_set(self, key: str, value: Value, revision: int,
                         ttl_s: float | None = None) -> Awaitable[Entry | None]:
         cond = (etcd.created(self.prefix + key, 0) if revision == 0
                 else etcd.modified(self.prefix + key, revision))
-        return self._run(self._conditional(key, value, cond, ttl_s))
+        return self._run(key, self._conditional(key, value, cond, ttl_s))
 
     async def _conditional(self, key: str, value: Value, cond: dict[str, Any],
                            ttl_s: float | None) -> Entry | None:
@@ -207,7 +224,7 @@ class EtcdStore:
                 self._apply(key, None)
             return True
 
-        return self._run(remove())
+        return self._run(key, remove())
 
     def expire(self, now: float | None = None) -> list[Entry]:
         return []  # etcd expires leased keys itself; watchers hear of it

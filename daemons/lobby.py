@@ -19,7 +19,7 @@ from typing import Any
 
 from theychat.daemons import ops, passwords, render
 from theychat.daemons.clientconn import ClientConn, set_keepalive
-from theychat.daemons.commands import Commands, Conn, Pending, handoff_error
+from theychat.daemons.commands import MOVE_RETRY_S, Commands, Conn, Pending, handoff_error
 from theychat.daemons.config import Config
 from theychat.daemons.control import Message, check, fail, ok
 from theychat.daemons.directory import Directory, NickTaken, Session
@@ -32,7 +32,6 @@ from theychat.daemons.tree import holder
 
 # Checked against when /oper names no operator, so a wrong name costs as long as a wrong
 # password (no timing oracle for operator names).
-MOVE_RETRY_S = 0.1  # between tries to reach a restarting topic server
 UNKNOWN_OPERATOR_HASH = passwords.make("no operator has this password")
 
 
@@ -49,6 +48,7 @@ class Lobby(Commands):
         self.log = log
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False  # shutting down: connections end, sessions stay
+        self.cut_off = False  # cluster mode: our host lost the cluster (no newcomers)
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -68,6 +68,10 @@ class Lobby(Commands):
 
     def _made(self, conn: ClientConn) -> None:
         limits = self.cfg.clients
+        if self.cut_off:
+            self._refuse(conn, "lost the cluster", "this host lost the cluster; connect to "
+                                                   "another host")
+            return
         if len(self.dir.sessions()) >= limits.max_connections:
             self._refuse(conn, "server full", "server full; try again later")
             return
@@ -193,7 +197,12 @@ class Lobby(Commands):
             conn.send(render.error("unavailable",
                                    f"topic {topic} is unavailable: its server keeps failing"))
             return None
-        return self.move_to(conn, topic)
+        # Its server may be starting (a topic just made on another host) or restarting.
+        return self.move_to(conn, topic, patience=self.join_patience)
+
+    @property
+    def join_patience(self) -> float:
+        return self.cfg.supervision.start_timeout_ms / 1000
 
     async def move_to(self, conn: Any, topic: str, resume_after: int | None = None,
                       resumed: bool = False, patience: float = 0.0) -> None:
@@ -307,7 +316,9 @@ class Lobby(Commands):
         return ok(dropped=old is not None)
 
     def lost_cluster(self, notice: str) -> None:
-        """Our host is cut off: every lobby client goes (our monitor's copies too)."""
+        """Our host is cut off: every lobby client goes (our monitor's copies too), and
+        new ones are turned away until it is back (`cut_off`)."""
+        self.cut_off = True
         for conn in self.sockets:
             self.sockets.lost(conn)
             conn.send({"type": "notice", "text": notice})
@@ -357,7 +368,7 @@ class Lobby(Commands):
         if target is not None and target not in self.topics.unavailable:
             # Its server may be restarting (it died with its monitor, say): wait for it.
             await self.move_to(conn, target, resume_after=last_seq, resumed=True,
-                               patience=self.cfg.supervision.start_timeout_ms / 1000)
+                               patience=self.join_patience)
 
     # -- what topic servers tell the directory ----------------------------------------------
 

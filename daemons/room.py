@@ -4,7 +4,9 @@ The topic's messages are in its topic log (`topiclog.py`); this holds who is her
 who may do what. Keys (under the topic's own store):
 
     member/SID       {"nick", "host"}   in this topic now (the nick as shown here; the
-                     host that holds its connection, in cluster mode)
+                     host that holds its connection, in cluster mode). Just before it
+                     goes, in cluster mode, also {"gone": PRESENCE}: how it left, for
+                     the other hosts to tell their members (`left`, `kicked`, a reason)
     op/FOLDED        {}         an operator of this topic (its creator)
     ban/FOLDED       {"by", "host"}   kept out of this topic (by whom, on which host)
 
@@ -88,7 +90,12 @@ class Room:
     def join(self, sid: str, nick: str) -> Awaitable[Entry]:
         return self.store.put(member_key(sid), member_value(nick, self.host))
 
-    def leave(self, sid: str) -> Awaitable[bool]:
+    def leave(self, sid: str, gone: dict[str, Any] | None = None) -> Awaitable[bool]:
+        """The member goes; in cluster mode `gone` (the presence event's `event`,
+        `reason`, `by`) is written first, so the other hosts can say how."""
+        entry = self.store.get(member_key(sid))
+        if self.host and gone and entry is not None:
+            self.store.put(member_key(sid), {**entry.value, "gone": gone})
         return self.store.delete(member_key(sid))
 
     def rename(self, sid: str, nick: str) -> tuple[str | None, Awaitable[Entry]]:

@@ -90,7 +90,7 @@ class Router:
             assert self.state.etcd is not None
             self.cluster = RouterCluster(d.cfg, self.state.etcd, self.peers, d.log,
                                          self._dispatcher(), lambda: self.dir.topics,
-                                         self._cluster_lost)
+                                         self._cluster_lost, self._cluster_back)
 
     # The lobby owns the connections it accepts and adopts; restored ones start here.
     def handle(self, conn: ClientConn, item: Say | Command) -> Pending:
@@ -288,6 +288,10 @@ class Router:
         for topic in self.dir.topics:
             with contextlib.suppress(ControlError):
                 await self.peers.ask(holder(topic), ops.ClusterLost(notice=notice))
+
+    async def _cluster_back(self) -> None:
+        """etcd answers again: newcomers are welcome (those who left come by themselves)."""
+        self.lobby.cut_off = False
 
     def status(self) -> Message:
         children = self.sup.status() if self.sup else []

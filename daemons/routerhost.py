@@ -34,7 +34,8 @@ class RouterCluster:
     def __init__(self, cfg: Config, client: Etcd, peers: ControlPeers, log: Any,
                  answer: Callable[[Message, list[int]], Awaitable[Message]],
                  topics: Callable[[], list[str]],
-                 on_lost: Callable[[], Awaitable[None]]) -> None:
+                 on_lost: Callable[[], Awaitable[None]],
+                 on_back: Callable[[], Awaitable[None]]) -> None:
         assert cfg.cluster is not None
         self.cfg = cfg
         self.c = cfg.cluster
@@ -46,7 +47,7 @@ class RouterCluster:
         key = load_key(self.c.key_file)
         self.agent = HostAgent(self.c, cfg.heartbeat, client, key,
                                f"{self.c.advertise}:{cfg.listen.port}", log, on_lost,
-                               self._back)
+                               on_back)
         self.mailbox = Mailbox(client, self.keys, self.c.host, holder(None).name, answer, log)
         self._door: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -68,9 +69,6 @@ class RouterCluster:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _back(self) -> None:
-        return None  # clients come back by themselves; new ones are welcome again
 
     async def _serve_links(self) -> None:
         assert self._door is not None

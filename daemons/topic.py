@@ -17,7 +17,7 @@ from typing import Any
 
 from theychat.daemons import ops, render
 from theychat.daemons.clientconn import ClientConn
-from theychat.daemons.commands import Commands, Conn, Pending, handoff_error
+from theychat.daemons.commands import MOVE_RETRY_S, Commands, Conn, Pending, handoff_error
 from theychat.daemons.config import Config
 from theychat.daemons.control import Message, check, fail, ok
 from theychat.daemons.errors import ControlError
@@ -25,7 +25,7 @@ from theychat.daemons.handoff import Sockets
 from theychat.daemons.peers import Peers
 from theychat.daemons.protocol import Command, fold
 from theychat.daemons.render import Event
-from theychat.daemons.room import BAN, Room
+from theychat.daemons.room import BAN, MEMBER, Room
 from theychat.daemons.store import Change
 from theychat.daemons.topiclog import Draft, Posted, TopicLog
 from theychat.daemons.tree import ROOT, DaemonId, Role
@@ -55,6 +55,7 @@ class TopicCommands(Commands):
         self._expect: dict[str, tuple[int, float]] = {}
         log.follow(self.fan_out)
         room.store.watch(BAN, self.banned_elsewhere)
+        room.store.watch(MEMBER, self.member_elsewhere)
 
     def background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -352,6 +353,34 @@ class TopicCommands(Commands):
         await self._kick(None, target, op.reason, by_nick=op.by)
         return ok()
 
+    def member_elsewhere(self, change: Change) -> None:
+        """A member of another host came, went or was renamed (cluster mode): our
+        members hear it as from one of ours. Changes made here were announced here."""
+        now, before = change.entry, change.prev
+        latest = now or before
+        if latest is None or latest.value.get("host", "") == self.room.host or (
+                before is not None and before.value.get("host", "") == self.room.host):
+            return  # ours, or a session of ours taken over by another host
+        nick = str(latest.value.get("nick"))
+        event: Event = {"type": "presence", "topic": self.topic, "nick": nick}
+        if now is not None and isinstance(now.value.get("gone"), dict):
+            gone = now.value["gone"]
+            event["event"] = "kicked" if gone.get("event") == "kicked" else "left"
+            for key in ("reason", "by"):
+                if isinstance(gone.get(key), str):
+                    event[key] = gone[key]
+        elif now is None:
+            if before is None or before.value.get("gone"):
+                return  # told already
+            event["event"] = "left"
+        elif before is None:
+            event["event"] = "joined"
+        elif before.value.get("nick") != nick:
+            event.update(event="renamed", old=str(before.value.get("nick")))
+        else:
+            return
+        self.broadcast(event)
+
     def banned_elsewhere(self, change: Change) -> None:
         """A ban made on another host: a member of ours with that nick goes (one made
         here is carried out by the /ban itself)."""
@@ -442,21 +471,35 @@ class TopicCommands(Commands):
         adopt = ops.Adopt(session=conn.record(), nick=nick, came_from=self.topic,
                           notice=notice)
         try:
-            await self.sockets.move(conn, topic, adopt)
+            await self._move_patiently(conn, topic, adopt)
         except ControlError as e:
             where = topic or "the lobby"
             self.log.warning("handoff_failed", session=sid, to=topic, error=str(e))
             conn.send(handoff_error(e, f"cannot move you to {where} right now; try again"))
             conn.resume()
             return False
-        written = self.room.leave(sid)
         if kicked_by is not None:
-            self.announce(written, nick, "kicked", reason or None, by=kicked_by)
+            what, why, extra = "kicked", reason or None, {"by": kicked_by}
         else:
-            why = f"went to {topic}" if topic else "went to the lobby"
-            self.announce(written, nick, "left", why)
+            what, why, extra = "left", f"went to {topic}" if topic else "went to the lobby", {}
+        written = self.room.leave(sid, {"event": what, "reason": why, **extra})
+        self.announce(written, nick, what, why, **extra)
         self.log.info("handoff", session=sid, nick=nick, to=topic)
         return True
+
+    async def _move_patiently(self, conn: Any, topic: str | None, adopt: ops.Adopt) -> None:
+        """A topic's server that cannot be reached may be starting (a topic just made
+        on another host) or restarting: ask again until its start timeout."""
+        deadline = time.monotonic() + self.cfg.supervision.start_timeout_ms / 1000
+        while True:
+            try:
+                await self.sockets.move(conn, topic, adopt)
+                return
+            except ControlError as e:
+                if (topic is None or e.code != "unavailable" or conn.close_reason
+                        or time.monotonic() > deadline):
+                    raise
+            await asyncio.sleep(MOVE_RETRY_S)
 
     def lost(self, conn: Any, reason: str) -> None:
         if self._gone(conn, reason):
@@ -469,7 +512,8 @@ class TopicCommands(Commands):
         if self.closing:
             return False  # a shutdown is not a departure: members come back after restart
         nick = self.nick(conn)
-        self.announce(self.room.leave(conn.sid), nick, "left", reason)
+        self.announce(self.room.leave(conn.sid, {"event": "left", "reason": reason}), nick,
+                      "left", reason)
         self.log.info("client_left", session=conn.sid, nick=nick, reason=reason)
         return True
 

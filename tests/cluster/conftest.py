@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.etcdlab import EtcdCluster, why_no_etcd
+from theychat.daemons.soak.etcdlab import EtcdCluster, why_no_etcd
 
 
 @pytest.fixture(scope="module")

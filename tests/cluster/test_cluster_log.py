@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from tests.etcdlab import EtcdCluster
 from theychat.daemons import links
 from theychat.daemons.clusterlog import ClusterTopicLog
 from theychat.daemons.etcd import Etcd
+from theychat.daemons.soak.etcdlab import EtcdCluster
 from theychat.daemons.topiclog import Draft, Posted
 
 KEY = b"k" * 32

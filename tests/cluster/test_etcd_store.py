@@ -8,9 +8,9 @@ import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tests.etcdlab import EtcdCluster
 from theychat.daemons.etcd import Etcd
 from theychat.daemons.etcdstore import EtcdStore
+from theychat.daemons.soak.etcdlab import EtcdCluster
 from theychat.daemons.store import Change
 
 PREFIXES = itertools.count()

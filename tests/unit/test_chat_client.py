@@ -143,3 +143,18 @@ def test_lines_typed_before_a_move_are_not_sent_again_in_the_new_topic(wire: Wir
     wire.tell(type="joined", topic="go", members=["me"])
     wire.tell(type="caught_up", topic="go", last_line=None)
     assert wire.received() == ["/say 2 two"]
+
+
+def test_lines_are_paced_under_the_servers_limits(wire: Wire) -> None:
+    import time
+
+    wire.client._json_acks = 1  # the answer to our own /json, with the server's limits
+    wire.tell(type="ok", cmd="json", json=True, text="JSON mode on",
+              limits={"rate_per_second": 100, "rate_burst": 5})
+    wire.tell(type="joined", topic="rust", members=["me"])
+    wire.typed(*[f"l{i}" for i in range(6)])
+    assert wire.received() == ["/say 1 l0", "/say 2 l1", "/say 3 l2"]  # the burst, less 2
+    assert 0 < (wire.client._wait() or 0) <= 0.02
+    time.sleep(0.05)
+    wire.client._pump()
+    assert wire.received() == ["/say 4 l3", "/say 5 l4", "/say 6 l5"]

@@ -1,6 +1,7 @@
-"""Real etcd members for tests: Debian's etcd-server, started on loopback (or inside a
-network namespace) on free ports, each with a data directory of its own, and always
-stopped. Tests that need etcd skip with the reason when it is not installed."""
+"""Real etcd members for tests, soaks and benchmarks: Debian's etcd-server, started on
+loopback (or inside a network namespace) on free ports, each with a data directory of
+its own, and always stopped. Tests that need etcd skip with the reason when it is not
+installed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from theychat.daemons.soak.netns import run_in
 from theychat.daemons.soak.tree import free_port
 
 ETCD = shutil.which("etcd")
@@ -51,8 +53,9 @@ class EtcdCluster:
 
     def __init__(self, n: int = 1, ips: Sequence[str] | None = None,
                  netns: Sequence[str] | None = None, heartbeat_ms: int = 50,
-                 election_ms: int = 500) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="tc-etcd-"))
+                 election_ms: int = 500, root: Path | None = None) -> None:
+        self.root = root or Path(tempfile.mkdtemp(prefix="tc-etcd-"))
+        self.root.mkdir(parents=True, exist_ok=True)
         self.heartbeat_ms, self.election_ms = heartbeat_ms, election_ms
         self.members = [
             Member(f"m{i}", ips[i] if ips else "127.0.0.1",
@@ -79,11 +82,12 @@ class EtcdCluster:
             cmd = ["ip", "netns", "exec", m.netns, *cmd]
         return cmd
 
-    def start_member(self, m: Member) -> None:
+    def start_member(self, m: Member, new: bool = True) -> None:
+        """Start a member: of a new cluster, or (`new=False`) back with its data."""
         m.log = self.root / f"{m.name}.log"
         with open(m.log, "ab") as out:
-            m.proc = subprocess.Popen(self.command(m), stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+            m.proc = subprocess.Popen(self.command(m, new), stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self) -> None:
         for m in self.members:
@@ -92,15 +96,15 @@ class EtcdCluster:
 
     def healthy(self, m: Member) -> bool:
         url = m.client_url + "/health"
-        if m.netns:
-            res = subprocess.run(["ip", "netns", "exec", m.netns, "curl", "-s", "-m", "1", url],
-                                 capture_output=True, text=True, timeout=5, check=False)
-            return '"health":"true"' in res.stdout
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                return b'"health":"true"' in r.read()
-        except OSError:
-            return False
+
+        def ask() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    return b'"health":"true"' in r.read()
+            except OSError:
+                return False
+
+        return run_in(m.netns, ask) if m.netns else ask()
 
     def wait_healthy(self, members: Sequence[Member] | None = None,
                      timeout: float = START_S) -> None:
