@@ -83,7 +83,8 @@ def make_key(path: str) -> None:
 class HostAgent:
     def __init__(self, cfg: Cluster, hb: Heartbeat, client: Etcd, key: bytes, client_addr: str,
                  log: Any, on_lost: Callable[[], Awaitable[None]],
-                 on_back: Callable[[], Awaitable[None]]) -> None:
+                 on_back: Callable[[], Awaitable[None]],
+                 on_gone: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.cfg = cfg
         self.hb = hb
         self.etcd = client
@@ -91,7 +92,7 @@ class HostAgent:
         self.key = key
         self.client_addr = client_addr  # where people connect to this host
         self.log = log
-        self.on_lost, self.on_back = on_lost, on_back
+        self.on_lost, self.on_back, self.on_gone = on_lost, on_back, on_gone
         self.lease = 0
         self.lost = False
         self.peers: dict[str, dict[str, Any]] = {}  # host -> its record
@@ -195,6 +196,8 @@ class HostAgent:
                             self.peers.pop(name, None)
                             self.watches.pop(name, None)
                             self.log.info("host_gone", host=name)
+                            if self.on_gone is not None and name != self.me:
+                                self._spawn(self.on_gone(name))
             except EtcdError:
                 await asyncio.sleep(0.1)
 

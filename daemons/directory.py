@@ -187,12 +187,14 @@ class Directory:
         if claim is not None and claim.value.get("sid") == sid:
             await self.store.delete(claim.key, claim.revision)
 
-    async def _update(self, sid: str, **changes: Any) -> Session | None:
-        """Change a session's entry (compare-and-set, retried); None if it has none."""
+    async def _update(self, sid: str, only_if: Callable[[Session], bool] | None = None,
+                      **changes: Any) -> Session | None:
+        """Change a session's entry (compare-and-set, retried); None if it has none (or
+        it is not, at the time of the write, as `only_if` wants)."""
         for _ in range(CAS_TRIES):
             entry = self.store.get(session_key(sid))
             current = Session.of(entry) if entry else None
-            if entry is None or current is None:
+            if entry is None or current is None or (only_if and not only_if(current)):
                 return None
             new = replace(current, **changes)
             ttl = self._ttl(new)
@@ -260,6 +262,22 @@ class Directory:
         if s is None or s.detached_at is not None:
             return s
         return await self._update(sid, detached_at=self.clock())
+
+    async def detach_host(self, host: str) -> int:
+        """Every connected session of a host that is gone (cluster mode): detached, so
+        it can be resumed elsewhere and expires if not. How many."""
+        def still_there(s: Session) -> bool:  # not resumed elsewhere meanwhile
+            return s.host == host and s.detached_at is None
+
+        count = 0
+        for s in self.sessions():
+            if still_there(s):
+                try:
+                    if await self._update(s.sid, still_there, detached_at=self.clock()):
+                        count += 1
+                except StoreConflict:
+                    continue  # another host did it, or the session moved meanwhile
+        return count
 
     async def attach(self, sid: str, addr: str, topic: str | None = None) -> Session | None:
         """A connection (of our host) holds the session again (a resume)."""

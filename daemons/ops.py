@@ -266,6 +266,13 @@ class ClusterLost(Op, name="cluster_lost"):
     notice: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class HostGone(Op, name="host_gone"):
+    """Another host is gone (its lease was revoked or ran out): its members leave."""
+
+    host: str = field(metadata=_name("a host id"))
+
+
 # --- monitors ------------------------------------------------------------------------
 
 

@@ -90,7 +90,8 @@ class Router:
             assert self.state.etcd is not None
             self.cluster = RouterCluster(d.cfg, self.state.etcd, self.peers, d.log,
                                          self._dispatcher(), lambda: self.dir.topics,
-                                         self._cluster_lost, self._cluster_back)
+                                         self._cluster_lost, self._cluster_back,
+                                         self._host_gone)
 
     # The lobby owns the connections it accepts and adopts; restored ones start here.
     def handle(self, conn: ClientConn, item: Say | Command) -> Pending:
@@ -288,6 +289,15 @@ class Router:
         for topic in self.dir.topics:
             with contextlib.suppress(ControlError):
                 await self.peers.ask(holder(topic), ops.ClusterLost(notice=notice))
+
+    async def _host_gone(self, host: str) -> None:
+        """Another host is gone: its people's sessions are detached (resumable here), and
+        they leave their topics, as a lost connection does."""
+        detached = await self.dir.detach_host(host)
+        self.log.info("host_sessions_detached", host=host, count=detached)
+        for topic in self.dir.topics:
+            with contextlib.suppress(ControlError):
+                await self.peers.ask(holder(topic), ops.HostGone(host=host))
 
     async def _cluster_back(self) -> None:
         """etcd answers again: newcomers are welcome (those who left come by themselves)."""

@@ -35,7 +35,8 @@ class RouterCluster:
                  answer: Callable[[Message, list[int]], Awaitable[Message]],
                  topics: Callable[[], list[str]],
                  on_lost: Callable[[], Awaitable[None]],
-                 on_back: Callable[[], Awaitable[None]]) -> None:
+                 on_back: Callable[[], Awaitable[None]],
+                 on_gone: Callable[[str], Awaitable[None]]) -> None:
         assert cfg.cluster is not None
         self.cfg = cfg
         self.c = cfg.cluster
@@ -47,7 +48,7 @@ class RouterCluster:
         key = load_key(self.c.key_file)
         self.agent = HostAgent(self.c, cfg.heartbeat, client, key,
                                f"{self.c.advertise}:{cfg.listen.port}", log, on_lost,
-                               on_back)
+                               on_back, on_gone)
         self.mailbox = Mailbox(client, self.keys, self.c.host, holder(None).name, answer, log)
         self._door: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()

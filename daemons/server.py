@@ -190,6 +190,7 @@ class Server:
             ops.FdResync: lambda op, fds: ok(count=self.sockets.resync()),
             ops.Kick: lambda op, fds: m.kick_here(op),
             ops.ClusterLost: lambda op, fds: m.lost_cluster(op),
+            ops.HostGone: lambda op, fds: m.host_gone(op),
             ops.TakeLink: self._take_link,
         })
 

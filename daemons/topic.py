@@ -372,7 +372,7 @@ class TopicCommands(Commands):
         elif now is None:
             if before is None or before.value.get("gone"):
                 return  # told already
-            event["event"] = "left"
+            event.update(event="left", reason="connection lost")  # its host is gone
         elif before is None:
             event["event"] = "joined"
         elif before.value.get("nick") != nick:
@@ -391,6 +391,15 @@ class TopicCommands(Commands):
         if target is not None and target.close_reason is None:
             by = str(change.entry.value.get("by") or "?")
             self.background(self._kick(None, target, "banned", by_nick=by))
+
+    def host_gone(self, op: ops.HostGone) -> Message:
+        """Another host is gone: its members leave, as after a lost connection. Every
+        host tries; the delete is conditional, so one of them does it, and each host
+        tells its own members (member_elsewhere)."""
+        gone = [e for e in self.room.store.range(MEMBER) if e.value.get("host") == op.host]
+        for e in gone:
+            self.room.store.delete(e.key, revision=e.revision)
+        return ok(members=len(gone))
 
     def lost_cluster(self, op: ops.ClusterLost) -> Message:
         """Our host is cut off: every member here goes (our monitor's copies too)."""

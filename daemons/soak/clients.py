@@ -19,8 +19,11 @@ import re
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from theychat.daemons.soak.netns import connect_in
 
 SESSION_RE = re.compile(r"\(session ([0-9a-f]+)\)")
 CONNECT_TIMEOUT_S = 5.0
@@ -42,9 +45,15 @@ class Transcript:
 
 class SoakClient:
     def __init__(self, nick: str, topic: str, host: str, port: int, rate: float,
-                 transcript: Path, reconnect_for: float = 30.0, phase: float = 0.0) -> None:
+                 transcript: Path, reconnect_for: float = 30.0, phase: float = 0.0,
+                 doors: Sequence[tuple[str, int]] | None = None,
+                 netns: str | None = None) -> None:
         self.nick, self.topic = nick, topic
-        self.host, self.port = host, port
+        # Where it connects: one door, or a cluster's (the next one after each drop, as
+        # theychat chat does); from inside `netns` (the lab's people) if given.
+        self.doors = list(doors) if doors else [(host, port)]
+        self.door = 0
+        self.netns = netns
         self.interval = 1.0 / rate
         self.phase = phase  # 0..1 of an interval: clients spread their lines evenly
         self.t = Transcript(transcript)
@@ -74,6 +83,7 @@ class SoakClient:
                     reason = "reset by the soak" if self.was_reset else repr(e)
                     self.t.write("disconnected", reason=reason)
                 self._forget_connection()
+                self.door = (self.door + 1) % len(self.doors)
                 if self.stopping or not await self._reconnect_wait():
                     break
         finally:
@@ -98,9 +108,18 @@ class SoakClient:
         self.writer = None
         self.in_topic = self.resuming = self.was_reset = False
 
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, port = self.doors[self.door]
+        if self.netns is None:
+            return await asyncio.wait_for(asyncio.open_connection(host, port),
+                                          CONNECT_TIMEOUT_S)
+        sock = await asyncio.get_running_loop().run_in_executor(
+            None, connect_in, self.netns, host, port, CONNECT_TIMEOUT_S)
+        sock.setblocking(False)
+        return await asyncio.open_connection(sock=sock)
+
     async def _connection(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S)
+        reader, writer = await self._open()
         sock = writer.get_extra_info("socket")
         if sock.getsockname() == sock.getpeername():
             writer.transport.abort()  # connected to itself: nobody listens there now
@@ -114,7 +133,8 @@ class SoakClient:
                 raise ValueError(f"unexpected greeting {greeting!r}")
             self.fresh = found[1]
             self.down_since = None
-            self.t.write("connected", session=self.fresh)
+            host, port = self.doors[self.door]
+            self.t.write("connected", session=self.fresh, door=f"{host}:{port}")
             if self.session is None:
                 self.session = self.fresh
                 self._write(f"/json\n/nick {self.nick}\n/join {self.topic}\n")

@@ -91,18 +91,21 @@ def _read_until(sock: socket.socket, marker: bytes, buf: bytes, deadline: float)
 
 
 def connect(port: int, n: int, topic: str | None, nick_prefix: str | None = None,
-            first: int = 0, batch: int = JOIN_BATCH, drain_between: bool = False
-            ) -> list[Member]:
+            first: int = 0, batch: int = JOIN_BATCH, drain_between: bool = False,
+            dial: Callable[[], socket.socket] | None = None) -> list[Member]:
     """`n` connections, each registered with `/nick PREFIXi` if a prefix is given and in
     `topic` (or the lobby); `batch` at a time, each batch's commands pipelined. With
     `drain_between`, what earlier members were sent meanwhile (presence) is read after
-    each batch, so it does not pile up in the daemons."""
+    each batch, so it does not pile up in the daemons. `dial` makes a connection
+    (default: to loopback `port`; the cluster benchmark's come from a namespace)."""
     members: list[Member] = []
     try:
         for start in range(0, n, batch):
             socks = []
             for _ in range(min(batch, n - start)):
-                s = socket.create_connection((HOST, port), timeout=SETUP_TIMEOUT_S)
+                s = (dial() if dial is not None
+                     else socket.create_connection((HOST, port), timeout=SETUP_TIMEOUT_S))
+                s.settimeout(SETUP_TIMEOUT_S)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 members.append(Member(s, first + len(members)))
                 socks.append(s)

@@ -186,7 +186,10 @@ def test_a_host_killed_whole_loses_nothing_and_comes_back(lab: Lab) -> None:
     assert doomed is not None
     people = [person(lab, f"k{h.index}", h.index) for h in lab.hosts]
     chat = Chatter(people, "general")
+    # Someone on the doomed host who does not come back (nc-like: one door, no retry).
+    quitter = LineClientProcess(doomed.door, "quitter", netns=lab.clients, reconnect_for=0)
     try:
+        quitter.join("general")
         for p in people:
             p.join("general")
         for n in range(60):
@@ -196,6 +199,13 @@ def test_a_host_killed_whole_loses_nothing_and_comes_back(lab: Lab) -> None:
                 assert lab.kill_host(doomed) > 0
         chat.settle()
         chat.check()
+        # Those who did not come back left, for everyone; their sessions wait to resume.
+        watcher = people[0 if doomed.index else 1]
+        watcher.wait_event(type="presence", nick="quitter", event="left",
+                           reason="connection lost")
+        watcher.type("/who")
+        who = watcher.wait_event(type="who", topic="general")
+        assert "quitter" not in who["members"] and len(who["members"]) == 3
         # Its topic has a sequencer on a survivor; its person was moved there.
         after = lab.sequencer("general")
         assert after is not None and after is not doomed
@@ -214,6 +224,7 @@ def test_a_host_killed_whole_loses_nothing_and_comes_back(lab: Lab) -> None:
         finally:
             back.kill()
     finally:
+        quitter.kill()
         for p in people:
             p.kill()
 

@@ -127,6 +127,32 @@ def test_a_detached_session_expires_and_its_nick_is_released() -> None:
     run(body())
 
 
+def test_a_gone_hosts_sessions_are_detached_unless_resumed_elsewhere_meanwhile() -> None:
+    async def body() -> None:
+        clock = Clock()
+        store = MemoryStore(clock=clock)
+        h1, h2 = (Directory(store, ["rust"], expiry_s=300, clock=clock, host=h)
+                  for h in ("h1", "h2"))
+        await h1.register("a", "ann", "rust")
+        await h1.register("b", "bob", None)
+        await h1.register("c", "cat", "rust")
+        await h1.detach("c")  # already detached: its expiry runs from then, not now
+        await h2.register("d", "dan", "rust")
+        await h2.attach("b", "10.0.0.9", None)  # bob resumed on h2 before h1 was gone
+        clock.now += 10
+        assert await h2.detach_host("h1") == 1
+        a = h2.session("a")
+        assert a is not None and a.detached_at == clock.now and a.host == "h1"
+        assert h2.session("b").detached_at is None  # type: ignore[union-attr]
+        assert h2.session("c").detached_at == clock.now - 10  # type: ignore[union-attr]
+        assert h2.session("d").detached_at is None  # type: ignore[union-attr]
+        assert await h2.detach_host("h1") == 0  # a second host doing it changes nothing
+        await h2.attach("a", "10.0.0.8", "rust")  # ann resumes on h2
+        assert h2.session("a").host == "h2"  # type: ignore[union-attr]
+
+    run(body())
+
+
 def test_counts_places_and_addresses() -> None:
     async def body() -> None:
         d = directory()

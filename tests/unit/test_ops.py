@@ -38,6 +38,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "kick": {"sid": "ab12", "by": "ann", "reason": "spam"},
     "take_link": {"pending": "00"},
     "cluster_lost": {"notice": "bye"},
+    "host_gone": {"host": "h2"},
 }
 
 
