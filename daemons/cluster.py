@@ -8,7 +8,11 @@ The router of each host runs a `HostAgent`:
   `lease_ttl_s / 4`. A router that restarts takes the same lease back (it is in the
   record), so a local restart changes nothing for the cluster: no re-election.
 - **Heartbeats between hosts**: signed UDP beats (the cluster key) to every other host's
-  `advertise:port`, every `heartbeat.interval_ms`. A host that falls silent for
+  `advertise:port`, every `heartbeat.interval_ms`, from both roots of the host's tree:
+  the router and the router-monitor (`HOST_BEATERS`; the router keeps the other hosts'
+  addresses in a file for its monitor). A host is alive while either beats: a router
+  killed or hung is restarted by its monitor in well under a second, which must not
+  count as the loss of the host. A host whose roots both fall silent for
   `heartbeat.timeout_ms` is suspected: we write `suspect/HOST/US` (with our lease). When
   more than half of the other hosts suspect it, one of them revokes its lease: its keys
   go, a survivor becomes the sequencer of each of its topics. etcd is the authority: a
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,6 +45,49 @@ from theychat.daemons.etcd import Etcd, EtcdError
 from theychat.daemons.heartbeat import Beat, HeartbeatListener, HeartbeatSender, PeerWatch
 
 KEY_BYTES = heartbeat.KEY_BYTES
+HOST_BEATERS = ("router", "router-monitor")  # a host lives while one of them beats
+
+
+def beat_name(host: str, daemon: str) -> str:
+    """What a host's beats from one of its roots are filed under (`h1/router`)."""
+    return f"{host}/{daemon}"
+
+
+def host_beats(host: str, daemon: str, pid: int, incarnation: int, key: bytes,
+               interval_ms: int, targets: Callable[[], list[tuple[str, int]]]
+               ) -> HeartbeatSender:
+    """The beats one root sends for its host. Its incarnation (from its pid file) tells
+    a restarted root's beats from replays of its predecessor's."""
+    template = Beat("host", None, beat_name(host, daemon), pid, incarnation, 0, 0)
+    return HeartbeatSender(template, key, interval_ms, targets)
+
+
+class PeersFile:
+    """The other hosts' beat addresses, written by the router, read by its monitor (a
+    stat per beat; read again only when the file changed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self._targets: list[tuple[str, int]] = []
+
+    def write(self, targets: list[tuple[str, int]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump([[h, p] for h, p in targets], f)
+        os.replace(tmp, self.path)
+
+    def read(self) -> list[tuple[str, int]]:
+        try:
+            st = self.path.stat()
+            if (st.st_mtime_ns, st.st_ino) != self._seen:
+                rows = json.loads(self.path.read_text())
+                self._targets = [(str(h), int(p)) for h, p in rows]
+                self._seen = (st.st_mtime_ns, st.st_ino)
+        except (OSError, ValueError, TypeError):
+            pass  # not there yet, or being replaced: the last list, until the next beat
+        return self._targets
 
 
 class Keys:
@@ -84,7 +132,8 @@ class HostAgent:
     def __init__(self, cfg: Cluster, hb: Heartbeat, client: Etcd, key: bytes, client_addr: str,
                  log: Any, on_lost: Callable[[], Awaitable[None]],
                  on_back: Callable[[], Awaitable[None]],
-                 on_gone: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 on_gone: Callable[[str], Awaitable[None]] | None = None,
+                 peers_file: Path | None = None, pid: int = 1, incarnation: int = 1) -> None:
         self.cfg = cfg
         self.hb = hb
         self.etcd = client
@@ -93,10 +142,14 @@ class HostAgent:
         self.client_addr = client_addr  # where people connect to this host
         self.log = log
         self.on_lost, self.on_back, self.on_gone = on_lost, on_back, on_gone
+        self.peers_file = PeersFile(peers_file) if peers_file else None
+        self.pid, self.incarnation = pid, incarnation
         self.lease = 0
+        self.took_new_lease = False  # at start: the predecessor's lease was gone
+        self.old_lease = 0  # the predecessor's lease (0: its record was gone too)
         self.lost = False
         self.peers: dict[str, dict[str, Any]] = {}  # host -> its record
-        self.watches: dict[str, PeerWatch] = {}  # the listener's: host -> its beats
+        self.watches: dict[str, PeerWatch] = {}  # the listener's: HOST/ROOT -> its beats
         self.suspects: dict[str, set[str]] = {}  # host -> who suspects it
         self.revoked: set[int] = set()
         self._last_ok = time.monotonic()
@@ -118,11 +171,11 @@ class HostAgent:
                 "client": self.client_addr, "lease": self.lease}
 
     async def start(self) -> None:
-        await self._take_lease()
+        self.took_new_lease = await self._take_lease()
         self.listener = HeartbeatListener(self.key, self.watches)
         await self.listener.start(self.cfg.advertise, self.cfg.port)
-        template = Beat("host", None, self.me, 1, 1, 0, 0)
-        self.sender = HeartbeatSender(template, self.key, self.hb.interval_ms, self._targets)
+        self.sender = host_beats(self.me, HOST_BEATERS[0], self.pid, self.incarnation,
+                                 self.key, self.hb.interval_ms, self._targets)
         self.sender.start()
         self._spawn(self._keep_lease())
         self._spawn(self._follow_hosts())
@@ -140,18 +193,21 @@ class HostAgent:
 
     # -- the lease -----------------------------------------------------------------------
 
-    async def _take_lease(self) -> None:
+    async def _take_lease(self) -> bool:
         """Our lease from the record of our previous router, if it lives, else a new one;
-        then our record, bound to it."""
+        then our record, bound to it. Whether the lease is new."""
         kvs, _ = await self.etcd.range(self.keys.hosts + self.me)
         old = int(json.loads(kvs[0].value).get("lease", 0)) if kvs else 0
-        if old and await self.etcd.time_to_live(old) > 0:
-            self.lease = old
-        else:
+        new = not (old and await self.etcd.time_to_live(old) > 0)
+        self.old_lease = old
+        if new:
             self.lease = await self.etcd.grant(self.cfg.lease_ttl_s)
             self.log.info("host_lease_granted", lease=self.lease, ttl_s=self.cfg.lease_ttl_s)
+        else:
+            self.lease = old
         await self.etcd.put(self.keys.hosts + self.me, json.dumps(self.record()).encode(),
                             self.lease)
+        return new
 
     async def _keep_lease(self) -> None:
         every = self.cfg.lease_ttl_s / 4
@@ -161,7 +217,13 @@ class HostAgent:
                 ttl = await self.etcd.keepalive(self.lease)
                 if ttl <= 0:  # revoked (we were thought dead) or expired: start again
                     self.log.warning("host_lease_lost", lease=self.lease)
+                    # The others have detached our people and removed them from their
+                    # topics: they must come back (resume) to be ours again.
+                    if not self.lost:
+                        await self.on_lost()
                     await self._take_lease()
+                    if not self.lost:
+                        await self.on_back()
                 self._last_ok = time.monotonic()
                 if self.lost:
                     self.lost = False
@@ -194,7 +256,9 @@ class HostAgent:
                             self._host(name, ev.kv.value)
                         else:
                             self.peers.pop(name, None)
-                            self.watches.pop(name, None)
+                            for root in HOST_BEATERS:
+                                self.watches.pop(beat_name(name, root), None)
+                            self._peers_changed()
                             self.log.info("host_gone", host=name)
                             if self.on_gone is not None and name != self.me:
                                 self._spawn(self.on_gone(name))
@@ -207,8 +271,18 @@ class HostAgent:
             if name not in self.peers and name != self.me:
                 self.log.info("host_joined", host=name, advertise=record.get("advertise"))
             self.peers[name] = record
-            if name != self.me and name not in self.watches:
-                self.watches[name] = PeerWatch(name, self.hb.timeout_ms, heartbeat.monotonic_ms())
+            if name != self.me:
+                for root in HOST_BEATERS:
+                    key = beat_name(name, root)
+                    if key not in self.watches:
+                        self.watches[key] = PeerWatch(key, self.hb.timeout_ms,
+                                                      heartbeat.monotonic_ms())
+            self._peers_changed()
+
+    def _peers_changed(self) -> None:
+        if self.peers_file is not None:
+            with contextlib.suppress(OSError):
+                self.peers_file.write(self._targets())
 
     async def _judge(self) -> None:
         """Suspect a host that fell silent; take it back when it beats again."""
@@ -216,8 +290,9 @@ class HostAgent:
         while True:
             await asyncio.sleep(self.hb.interval_ms / 1000)
             now = heartbeat.monotonic_ms()
-            for name, watch in list(self.watches.items()):
-                silent = watch.expired(now)
+            for name in [h for h in self.peers if h != self.me]:
+                watches = [self.watches.get(beat_name(name, root)) for root in HOST_BEATERS]
+                silent = all(w is None or w.expired(now) for w in watches)
                 try:
                     if silent and name not in mine:
                         await self.etcd.put(self.keys.suspect + f"{name}/{self.me}", b"{}",

@@ -106,6 +106,7 @@ class ClusterTopicLog:
         self._link: Link | None = None
         self._link_changed = asyncio.Event()
         self._committed = asyncio.Condition()
+        self._answered = 0  # the highest seq an append of ours was answered with
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- the TopicLog seam -------------------------------------------------------------------
@@ -130,6 +131,7 @@ class ClusterTopicLog:
         tags = [f"{d.sid}:{d.line}" if d.line is not None
                 else f"{self.host}.{self._boot}.{next(self._tag_seq)}" for d in drafts]
         pending = Pending(list(drafts), tags)
+        pending.future.add_done_callback(self._note_answered)
         if self.sequencing:
             self._queue.append(pending)
             self._work.set()
@@ -137,13 +139,18 @@ class ClusterTopicLog:
             self._send(pending)
         return pending.future
 
+    def _note_answered(self, future: asyncio.Future[list[Posted]]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._answered = max([self._answered, *(e.seq for e in future.result())])
+
     async def sync(self) -> None:
-        """Every line appended so far is committed, and seen committed here."""
+        """Every line appended so far is committed, and seen committed here. (An answer
+        can come before the entry reaches our tail: the sequencer answers once etcd has
+        it, our tail follows etcd's watch.)"""
         waiting = [p.future for p in [*self._queue, *self._sent.values()]]
         if waiting:
             await asyncio.wait(waiting)
-        top = max((e.seq for f in waiting if f.done() and not f.exception()
-                   for e in f.result()), default=0)
+        top = self._answered
         async with self._committed:
             await self._committed.wait_for(lambda: self.tail.last_seq >= top)
 
@@ -340,15 +347,22 @@ class ClusterTopicLog:
             if entries:
                 ok = await self._write(entries, [t for _, t in fresh])
                 if not ok:
-                    self._queue[:0] = batch  # the head moved, or we are not the owner
+                    self._give_back(batch)  # the head moved, or we are not the owner
                     return
             made = {**taken, **{t: e for (_, t), e in zip(fresh, entries, strict=True)}}
             for p in batch:
                 p.answer([made[t] for t in p.tags])
         except EtcdError as e:
-            self._queue[:0] = batch
+            self._give_back(batch)
             self.log.warning("sequencer_write_failed", topic=self.topic, error=str(e))
             await asyncio.sleep(RETRY_S)
+
+    def _give_back(self, batch: list[Pending]) -> None:
+        """A batch not committed goes back first in line; to the new sequencer if we
+        stopped being it while it was being written (the queue went there already)."""
+        self._queue[:0] = batch
+        if not self.sequencing:
+            self._forward_queue()
 
     async def _write(self, entries: list[Posted], tags: list[str]) -> bool:
         """One fenced transaction: the block and the new head; False if fenced off."""

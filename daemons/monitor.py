@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 
-from theychat.daemons import control, daemon, ops
+from theychat.daemons import cluster, control, daemon, ops
 from theychat.daemons.control import Message, check, ok
 from theychat.daemons.daemon import Daemon
-from theychat.daemons.errors import ControlError
+from theychat.daemons.errors import ControlError, TheyChatError
 from theychat.daemons.fdstore import FdVault
+from theychat.daemons.heartbeat import HeartbeatSender
 from theychat.daemons.peers import ControlPeers
 from theychat.daemons.supervisor import Child
 from theychat.daemons.tree import ROOT, DaemonId, Role
@@ -48,6 +50,7 @@ async def supervise_one(d: Daemon) -> None:
         d.log.info("clients_returned_to_lobby", topic=spec.topic, count=moved)
 
     await d.listen()
+    host_beats = _beat_for_the_host(d)
     sup = d.supervisor(on_gave_up=gave_up)
 
     async def stop_child() -> Message:
@@ -82,3 +85,24 @@ async def supervise_one(d: Daemon) -> None:
     await ctl.close()
     await sup.close()
     vault.close_all()
+    if host_beats is not None:
+        host_beats.stop()
+
+
+def _beat_for_the_host(d: Daemon) -> HeartbeatSender | None:
+    """In a cluster, the router-monitor beats for its host beside the router (to the
+    hosts its router last listed): the host stays alive, for the others, while its
+    router restarts."""
+    c = d.cfg.cluster
+    if c is None or d.role is not Role.ROUTER_MONITOR:
+        return None
+    try:
+        key = cluster.load_key(c.key_file)
+    except TheyChatError as e:
+        d.log.error("host_beats_failed", error=str(e))  # the router will say it too
+        return None
+    peers = cluster.PeersFile(d.paths.cluster_peers)
+    sender = cluster.host_beats(c.host, d.name, os.getpid(), d.incarnation, key,
+                                d.cfg.heartbeat.interval_ms, peers.read)
+    sender.start()
+    return sender

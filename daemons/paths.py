@@ -30,6 +30,12 @@ class StatePaths:
         return self.root / "logs"
 
     @property
+    def cluster_peers(self) -> Path:
+        """The other hosts' beat addresses (cluster mode), kept by the router for its
+        monitor, which beats for the host too (cluster.py)."""
+        return self.run / "cluster-peers.json"
+
+    @property
     def wals(self) -> Path:
         return self.root / "wal"
 

@@ -91,7 +91,8 @@ class Router:
             self.cluster = RouterCluster(d.cfg, self.state.etcd, self.peers, d.log,
                                          self._dispatcher(), lambda: self.dir.topics,
                                          self._cluster_lost, self._cluster_back,
-                                         self._host_gone)
+                                         self._host_gone, d.paths.cluster_peers,
+                                         d.incarnation)
 
     # The lobby owns the connections it accepts and adopts; restored ones start here.
     def handle(self, conn: ClientConn, item: Say | Command) -> Pending:
@@ -143,6 +144,14 @@ class Router:
         servers = await self._serve_clients(self.listener)
         d.ready(host=self.cfg.listen.host, port=self.listener.getsockname()[1],
                 tls=self.cfg.listen.tls.enabled)
+        if self.cluster is not None and self.cluster.agent.took_new_lease and d.incarnation > 1:
+            # Our predecessor's lease is gone: the others thought this host dead (both
+            # roots died at once, say) and detached its people. Whoever our servers still
+            # hold must come back by resuming, to be part of the cluster again.
+            self.log.warning("host_lease_lost", lease=self.cluster.agent.old_lease,
+                             at_start=True)
+            await self._cluster_lost()
+            await self._cluster_back()
         return servers
 
     async def _still_ours(self, sids: list[str]) -> set[str]:

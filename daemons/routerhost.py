@@ -14,6 +14,7 @@ import json
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from theychat.daemons import ops
@@ -36,7 +37,8 @@ class RouterCluster:
                  topics: Callable[[], list[str]],
                  on_lost: Callable[[], Awaitable[None]],
                  on_back: Callable[[], Awaitable[None]],
-                 on_gone: Callable[[str], Awaitable[None]]) -> None:
+                 on_gone: Callable[[str], Awaitable[None]],
+                 peers_file: Path, incarnation: int) -> None:
         assert cfg.cluster is not None
         self.cfg = cfg
         self.c = cfg.cluster
@@ -48,7 +50,7 @@ class RouterCluster:
         key = load_key(self.c.key_file)
         self.agent = HostAgent(self.c, cfg.heartbeat, client, key,
                                f"{self.c.advertise}:{cfg.listen.port}", log, on_lost,
-                               on_back, on_gone)
+                               on_back, on_gone, peers_file, os.getpid(), incarnation)
         self.mailbox = Mailbox(client, self.keys, self.c.host, holder(None).name, answer, log)
         self._door: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -14,7 +14,7 @@ import pytest
 
 from theychat.daemons import links
 from theychat.daemons.clusterlog import ClusterTopicLog
-from theychat.daemons.etcd import Etcd
+from theychat.daemons.etcd import Etcd, EtcdError
 from theychat.daemons.soak.etcdlab import EtcdCluster
 from theychat.daemons.topiclog import Draft, Posted
 
@@ -195,6 +195,30 @@ def test_a_fenced_sequencer_cannot_commit(etcd1: EtcdCluster) -> None:
         await log_of(other).append([Draft("s", "x", "two", 1.0)])
         await log_of(other).sync()
         assert [p.text for p in other.seen] == ["one", "two"]
+
+    run(etcd1, ["a", "b"], body)
+
+
+def test_a_block_whose_write_fails_as_the_sequencer_changes_goes_to_the_new_one(
+        etcd1: EtcdCluster) -> None:
+    """The old sequencer's write is cut off (etcd unreachable) while the others elect a
+    new one: the line it held is committed by the new sequencer, not kept forever."""
+    async def body(hosts: list[Host]) -> None:
+        owner = next(h for h in hosts if log_of(h).sequencing)
+        other = next(h for h in hosts if h is not owner)
+        old_log = log_of(owner)
+
+        async def cut_off_write(entries: list[Posted], tags: list[str]) -> bool:
+            owner.keepalive.cancel()
+            await owner.etcd.revoke(owner.lease_id)  # the majority revoked it meanwhile
+            await until(lambda: not old_log.sequencing and log_of(other).sequencing)
+            raise EtcdError("no etcd endpoint answered")
+
+        old_log._write = cut_off_write  # type: ignore[method-assign]
+        entries = await asyncio.wait_for(old_log.append([Draft("s", "x", "held", 1.0)]), 10)
+        assert [e.text for e in entries] == ["held"]
+        await log_of(other).sync()
+        assert [p.text for p in other.seen] == ["held"]
 
     run(etcd1, ["a", "b"], body)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 
@@ -270,13 +271,18 @@ def test_a_host_cut_off_commits_nothing_sends_its_people_away_and_rejoins(lab: L
             p.kill()
 
 
-def test_a_hung_sequencer_is_restarted_on_its_host_without_an_election(lab: Lab) -> None:
+def test_a_hung_sequencer_and_a_killed_router_are_restarted_on_their_host_without_an_election(
+        lab: Lab) -> None:
+    """Local failures stay local (point 9): the host's other root beats for it while its
+    router restarts, and its lease outlives a server's restart."""
     import os
     import signal
 
     host = lab.sequencer("general")
     assert host is not None
     pid = int(json_of(host.state / "run" / "server@general.pid")["pid"])
+    router = int(json_of(host.state / "run" / "router.pid")["pid"])
+    since = time.time()  # the lab is the module's: earlier tests' faults are in its logs
     people = [person(lab, f"s{h.index}", h.index) for h in lab.hosts]
     chat = Chatter(people, "general")
 
@@ -293,6 +299,8 @@ def test_a_hung_sequencer_is_restarted_on_its_host_without_an_election(lab: Lab)
             time.sleep(0.05)
             if n == 20:
                 os.kill(pid, signal.SIGSTOP)
+            if n == 40:
+                os.kill(router, signal.SIGKILL)
         chat.settle()
         chat.check()
         assert lab.sequencer("general") is host  # no election: its host kept the lease
@@ -301,6 +309,12 @@ def test_a_hung_sequencer_is_restarted_on_its_host_without_an_election(lab: Lab)
         restarted = [e for e in host.events("server@general") if e["event"] == "daemon_started"
                      and e["pid"] != pid]
         assert restarted, "the hung server was not replaced"
+        assert any(e["event"] == "daemon_started" and e["pid"] != router
+                   for e in host.events("router")), "the killed router was not replaced"
+        verdicts = [e for h in lab.hosts for e in h.events("router")
+                    if e["event"] in ("host_suspected", "host_declared_dead")
+                    and datetime.fromisoformat(e["ts"]).timestamp() > since]
+        assert verdicts == []
     finally:
         for p in people:
             p.kill()
