@@ -84,7 +84,8 @@ class TopicState:
             self.store = EtcdStore(self.etcd, keys.room(topic), log)
             self.log = ClusterTopicLog(topic, self.etcd, keys.topic(topic), c.host,
                                        f"{c.advertise}:{c.port}", cfg.history.size,
-                                       load_key(c.key_file), self.lease, log)
+                                       load_key(c.key_file), self.lease, log,
+                                       stale_after_s=c.lost_after_s)
             self._follower_key = keys.topic(topic) + "followers/" + c.host
         self._register: asyncio.Task[None] | None = None
 

@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ from typing import Any
 from theychat.daemons import etcd, links
 from theychat.daemons.etcd import Etcd, EtcdError, EtcdUnavailable
 from theychat.daemons.links import Link, LinkError
-from theychat.daemons.topiclog import Draft, OnCommit, Posted, Tail
+from theychat.daemons.topiclog import Draft, OnCommit, Posted, Tail, Withdrawn
 
 BATCH_MAX = 512  # lines in one block
 RETRY_S = 0.05  # after etcd did not answer, or a link broke
@@ -63,10 +64,13 @@ def _unblock(raw: bytes) -> list[tuple[Posted, str]]:
 
 
 class Pending:
-    """Lines waiting for their entries, and who waits."""
+    """Lines waiting for their entries, and who waits: our own server (`local`), or a
+    follower on another host, over a link."""
 
-    def __init__(self, drafts: list[Draft], tags: list[str]) -> None:
+    def __init__(self, drafts: list[Draft], tags: list[str], local: bool = False) -> None:
         self.drafts, self.tags = drafts, tags
+        self.local = local
+        self.withdrawn = False
         self.future: asyncio.Future[list[Posted]] = asyncio.get_running_loop().create_future()
 
     def answer(self, entries: list[Posted]) -> None:
@@ -77,7 +81,7 @@ class Pending:
 class ClusterTopicLog:
     def __init__(self, topic: str, client: Etcd, prefix: str, host: str, link_address: str,
                  keep: int, key: bytes, lease: Callable[[], int], log: Any,
-                 dial: Dial | None = None) -> None:
+                 dial: Dial | None = None, stale_after_s: float | None = None) -> None:
         self.topic = topic
         self.etcd = client
         self.prefix = prefix
@@ -87,6 +91,10 @@ class ClusterTopicLog:
         self.lease = lease  # our host's lease, as it is now (0: none)
         self.log = log
         self.tail = Tail(keep)
+        # A follower's line older than this (by the time it was typed) reaches us only
+        # after its host was cut off long enough to let its clients go and withdraw what
+        # they said (cluster.lost_after_s): it is refused, never committed late.
+        self.stale_after_s = stale_after_s
         self.tags: dict[str, Posted] = {}  # tag -> entry, for the entries kept
         self._tag_order: deque[str] = deque()
         self._followers: list[OnCommit] = []
@@ -100,6 +108,7 @@ class ClusterTopicLog:
         self._owner_rev = 0  # create revision of our owner key: the fence
         self._writes = 0
         self._queue: list[Pending] = []  # lines for us to commit (we are the sequencer)
+        self._writing: list[Pending] = []  # the batch being committed now
         self._work = asyncio.Event()
         self._sent: dict[int, Pending] = {}  # lines sent to the sequencer, by request id
         self._request_ids = itertools.count(1)
@@ -107,6 +116,7 @@ class ClusterTopicLog:
         self._link_changed = asyncio.Event()
         self._committed = asyncio.Condition()
         self._answered = 0  # the highest seq an append of ours was answered with
+        self._unreleased: list[tuple[int, Pending, list[Posted]]] = []  # (top seq, ...)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- the TopicLog seam -------------------------------------------------------------------
@@ -130,7 +140,7 @@ class ClusterTopicLog:
     def append(self, drafts: Sequence[Draft]) -> asyncio.Future[list[Posted]]:
         tags = [f"{d.sid}:{d.line}" if d.line is not None
                 else f"{self.host}.{self._boot}.{next(self._tag_seq)}" for d in drafts]
-        pending = Pending(list(drafts), tags)
+        pending = Pending(list(drafts), tags, local=True)
         pending.future.add_done_callback(self._note_answered)
         if self.sequencing:
             self._queue.append(pending)
@@ -138,6 +148,25 @@ class ClusterTopicLog:
         else:
             self._send(pending)
         return pending.future
+
+    def withdraw(self, sids: set[str]) -> int:
+        def theirs(p: Pending) -> bool:
+            return all(d.sid in sids for d in p.drafts)
+
+        gone = [p for p in [*self._queue, *self._sent.values(), *self._writing] if theirs(p)]
+        self._queue = [p for p in self._queue if not theirs(p)]
+        on_link = any(theirs(p) for p in self._sent.values())
+        self._sent = {rid: p for rid, p in self._sent.items() if not theirs(p)}
+        if on_link and self._link is not None:
+            # Written to the link, perhaps not delivered (we are cut off): reset it, so
+            # TCP does not deliver them when the partition heals. A new link carries
+            # what is still to be sent.
+            self._link.discard()
+        for p in gone:  # a batch being written may still commit: its answer is ignored
+            p.withdrawn = True
+            if not p.future.done():
+                p.future.set_exception(Withdrawn("withdrawn: its client was let go"))
+        return len(gone)
 
     def _note_answered(self, future: asyncio.Future[list[Posted]]) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -240,6 +269,7 @@ class ClusterTopicLog:
         if tell:
             for on_commit in self._followers:
                 on_commit(entries)
+        self._release_answers()
         self._answer_from_log()
         self._spawn(self._notify_committed())
 
@@ -247,12 +277,29 @@ class ClusterTopicLog:
         async with self._committed:
             self._committed.notify_all()
 
+    def _answer(self, p: Pending, entries: list[Posted]) -> None:
+        """Our own lines are answered once our tail has them, so that a client hears
+        `sent N` after every message before N (as on one host), not before: the
+        sequencer's answer can outrun etcd's watch. A follower's, at once."""
+        top = max((e.seq for e in entries), default=0)
+        if not p.local or top <= self.tail.last_seq:
+            p.answer(entries)
+        else:
+            self._unreleased.append((top, p, entries))
+
+    def _release_answers(self) -> None:
+        last = self.tail.last_seq
+        ready = [(p, entries) for top, p, entries in self._unreleased if top <= last]
+        self._unreleased = [u for u in self._unreleased if u[0] > last]
+        for p, entries in ready:
+            p.answer(entries)
+
     def _answer_from_log(self) -> None:
         """Lines we sent whose tags the log shows: that is their answer (the sequencer's
         may have been lost with a link)."""
         for rid, p in list(self._sent.items()):
             if all(t in self.tags for t in p.tags):
-                p.answer([self.tags[t] for t in p.tags])
+                self._answer(p, [self.tags[t] for t in p.tags])
                 del self._sent[rid]
 
     # -- who sequences -------------------------------------------------------------------
@@ -326,6 +373,7 @@ class ClusterTopicLog:
         while self._queue and lines < BATCH_MAX:
             batch.append(self._queue.pop(0))
             lines += len(batch[-1].drafts)
+        self._writing = batch
         try:
             if self._head_rev == 0 and self._head_seq == 0:
                 await self._read_head()
@@ -333,6 +381,7 @@ class ClusterTopicLog:
                 # Know every committed tag first: a line resent to us may be in a block
                 # an earlier sequencer wrote that our watch has not brought yet.
                 await self._catch_up(self.tail.last_seq + 1, self._head_seq + 1)
+            batch = [p for p in batch if not p.withdrawn]  # meanwhile
             fresh: list[tuple[Draft, str]] = []
             taken: dict[str, Posted] = {}
             for p in batch:
@@ -351,16 +400,18 @@ class ClusterTopicLog:
                     return
             made = {**taken, **{t: e for (_, t), e in zip(fresh, entries, strict=True)}}
             for p in batch:
-                p.answer([made[t] for t in p.tags])
+                self._answer(p, [made[t] for t in p.tags])
         except EtcdError as e:
             self._give_back(batch)
             self.log.warning("sequencer_write_failed", topic=self.topic, error=str(e))
             await asyncio.sleep(RETRY_S)
+        finally:
+            self._writing = []
 
     def _give_back(self, batch: list[Pending]) -> None:
         """A batch not committed goes back first in line; to the new sequencer if we
         stopped being it while it was being written (the queue went there already)."""
-        self._queue[:0] = batch
+        self._queue[:0] = [p for p in batch if not p.withdrawn]
         if not self.sequencing:
             self._forward_queue()
 
@@ -407,8 +458,8 @@ class ClusterTopicLog:
 
     def _requeue_sent(self) -> None:
         """We became the sequencer: what we had sent to the old one is ours to commit."""
-        for p in self._sent.values():
-            self._queue.append(p)
+        for rid in sorted(self._sent):
+            self._queue.append(self._sent[rid])
         self._sent.clear()
 
     def _forward_queue(self) -> None:
@@ -434,15 +485,18 @@ class ClusterTopicLog:
                 continue
             self._link = link
             self.log.info("link_up", topic=self.topic, to=owner.get("host"))
-            for rid, p in list(self._sent.items()):
-                self._request(rid, p)
+            for rid in sorted(self._sent):  # in the order they were typed (a refusal
+                self._request(rid, self._sent[rid])  # puts one back at the dict's end)
             self._link_changed.clear()
             reader = asyncio.ensure_future(self._read_replies(link))
             changed = asyncio.ensure_future(self._link_changed.wait())
             await asyncio.wait([reader, changed], return_when=asyncio.FIRST_COMPLETED)
             reader.cancel()
             changed.cancel()
-            link.close()
+            # Reset, not closed: a graceful close would leave the kernel sending what is
+            # still unacknowledged, to arrive whenever a partition heals (after lines
+            # withdrawn since, or sent again on the next link, where tags dedupe them).
+            link.discard()
             self._link = None
 
     async def _read_replies(self, link: Link) -> None:
@@ -453,7 +507,10 @@ class ClusterTopicLog:
                 if p is None:
                     continue
                 if "e" in msg:
-                    p.answer([Posted(*r) for r in msg["e"]])
+                    self._answer(p, [Posted(*r) for r in msg["e"]])
+                elif msg.get("error") == "stale":  # too late: withdrawn by its host
+                    if not p.future.done():
+                        p.future.set_exception(Withdrawn("refused by the sequencer: stale"))
                 else:  # not the sequencer (any more): keep it for the next one
                     self._sent[int(msg["id"])] = p
                     self._link_changed.set()
@@ -480,6 +537,12 @@ class ClusterTopicLog:
                     raise LinkError("bad request")
                 if not self.sequencing:
                     link.send({"id": rid, "error": "not_sequencer"})
+                    continue
+                if self.stale_after_s is not None and any(
+                        time.time() - float(r[3]) > self.stale_after_s for r in rows):
+                    link.send({"id": rid, "error": "stale"})
+                    self.log.warning("link_line_refused", topic=self.topic, peer=link.peer,
+                                     reason="stale")
                     continue
                 drafts, tags = [], []
                 for r in rows:

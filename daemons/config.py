@@ -138,7 +138,9 @@ class Cluster:
     # Where clients find the cluster: every host's client port (theychat chat --config).
     front_doors: list[str] = field(default_factory=list)
     # The host's lease in etcd: what its sequencer keys live by when nobody revokes it.
-    lease_ttl_s: int = field(default=3, metadata=_range(2, 600))
+    # A restarted router takes it back, so it must outlive a router's restart on a
+    # loaded host (seen: 2-3 s); a dead host's is revoked by the others' heartbeats.
+    lease_ttl_s: int = field(default=10, metadata=_range(2, 600))
     # Cut off from etcd this long, a host closes its clients so they move elsewhere.
     lost_after_s: float = field(default=5.0, metadata=_range(1.0, 3600))
 

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ import httpx
 from theychat.daemons.errors import TheyChatError
 
 DEFAULT_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 0.25  # a member on the same network answers a SYN in well under this
+AVOID_S = 2.0  # an endpoint that failed is tried last for this long
 
 
 class EtcdError(TheyChatError):
@@ -145,9 +148,28 @@ class Etcd:
             raise ValueError("etcd: at least one endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout_s = timeout_s
-        self._next = 0  # the endpoint tried first: the last one that answered
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s),
+        # Endpoints are tried in the order given (the docs list the host's own member
+        # first: reachable whenever this host is), except one that failed lately.
+        self._failed_at = [-AVOID_S] * len(self.endpoints)
+        self._http = httpx.AsyncClient(timeout=self._timeout(timeout_s),
                                        limits=httpx.Limits(max_connections=32))
+
+    @staticmethod
+    def _timeout(timeout_s: float, quiet_ok: bool = False) -> httpx.Timeout:
+        """`timeout_s` for a request, a short connect; no read timeout for a watch (a
+        quiet watch is no failure)."""
+        return httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S),
+                             read=None if quiet_ok else timeout_s)
+
+    def _order(self) -> list[int]:
+        """Endpoints in the order to try them now: the ones that did not fail lately
+        first, each group in the configured order."""
+        now = time.monotonic()
+        return sorted(range(len(self.endpoints)),
+                      key=lambda i: (now - self._failed_at[i] < AVOID_S, i))
+
+    def _failed(self, at: int) -> None:
+        self._failed_at[at] = time.monotonic()
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -155,14 +177,14 @@ class Etcd:
     async def _post(self, path: str, body: dict[str, Any],
                     timeout_s: float | None = None) -> dict[str, Any]:
         last: Exception | None = None
-        n = len(self.endpoints)
-        for i in range(n):
-            at = (self._next + i) % n
+        for at in self._order():
             url = self.endpoints[at] + path
             try:
-                r = await self._http.post(url, json=body, timeout=timeout_s or self.timeout_s)
+                r = await self._http.post(url, json=body,
+                                          timeout=self._timeout(timeout_s or self.timeout_s))
             except (httpx.TransportError, OSError) as e:
                 last = e
+                self._failed(at)
                 continue
             try:
                 data = r.json()
@@ -172,9 +194,9 @@ class Etcd:
                 message = str(data.get("message") or data.get("error") or r.status_code)
                 if "leader" in message or "timed out" in message or "unavailable" in message:
                     last = EtcdUnavailable(message)  # a member without a quorum: next one
+                    self._failed(at)
                     continue
                 raise EtcdError(message)
-            self._next = at
             return dict(data)
         raise EtcdUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): "
                               f"{last}")
@@ -239,6 +261,7 @@ class Etcd:
         stream is opened again from where it stopped (on another endpoint if need be);
         `Compacted` if etcd no longer has those revisions. Never ends by itself."""
         next_rev = start_revision
+        at = self._order()[0]
         while True:
             req: dict[str, Any] = {"key": _enc(key), "prev_kv": True}
             if prefix:
@@ -246,16 +269,18 @@ class Etcd:
             if next_rev:
                 req["start_revision"] = str(next_rev)
             try:
-                async for batch in self._watch_stream({"create_request": req}):
+                async for batch in self._watch_stream(at, {"create_request": req}):
                     next_rev = batch[-1].kv.mod_revision + 1
                     yield batch
             except (httpx.TransportError, OSError, EtcdUnavailable):
-                self._next = (self._next + 1) % len(self.endpoints)
+                self._failed(at)
+                at = self._order()[0]
                 await asyncio.sleep(0.1)
 
-    async def _watch_stream(self, body: dict[str, Any]) -> AsyncIterator[list[Event]]:
-        url = self.endpoints[self._next] + "/v3/watch"
-        timeout = httpx.Timeout(self.timeout_s, read=None)  # a quiet watch is no failure
+    async def _watch_stream(self, at: int, body: dict[str, Any]
+                            ) -> AsyncIterator[list[Event]]:
+        url = self.endpoints[at] + "/v3/watch"
+        timeout = self._timeout(self.timeout_s, quiet_ok=True)
         async with self._http.stream("POST", url, json=body, timeout=timeout) as r:
             async for line in r.aiter_lines():
                 if not line.strip():

@@ -22,6 +22,8 @@ import hashlib
 import hmac
 import json
 import secrets
+import socket
+import struct
 from typing import Any
 
 from theychat.daemons.errors import TheyChatError
@@ -108,6 +110,16 @@ class Link:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+    def discard(self) -> None:
+        """Close and drop what is not delivered yet, in our buffers and the kernel's
+        (a reset, SO_LINGER 0): lines withdrawn must not reach the sequencer when a
+        partition heals and TCP would retransmit them."""
+        sock = self.writer.get_extra_info("socket")
+        with contextlib.suppress(Exception):
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.writer.transport.abort()
 
 
 async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes,

@@ -22,6 +22,7 @@ from typing import Any
 from theychat.daemons import control, daemon, ops
 from theychat.daemons.backends import RouterState
 from theychat.daemons.clientconn import ClientConn
+from theychat.daemons.cluster import LOST_NOTICE
 from theychat.daemons.commands import Pending
 from theychat.daemons.control import Message, fail, ok
 from theychat.daemons.daemon import Daemon
@@ -292,8 +293,7 @@ class Router:
     async def _cluster_lost(self) -> None:
         """Cut off from the cluster: every client of this host is told, and closed, so
         that it resumes on another host."""
-        notice = ("this host lost the cluster; reconnect to another host "
-                  "(theychat chat does it by itself)")
+        notice = LOST_NOTICE
         self.lobby.lost_cluster(notice)
         for topic in self.dir.topics:
             with contextlib.suppress(ControlError):
@@ -350,6 +350,8 @@ class Router:
         if self.sup is not None:
             await self.sup.close()
         if self.cluster is not None:
+            if self.d.paths.stopping.exists():  # `theychat down`: the host leaves
+                await self.cluster.agent.leave()
             await self.cluster.close()
         await self.state.close()
 

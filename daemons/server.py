@@ -48,6 +48,7 @@ class Server:
         self.sockets = Sockets(d.id, d.paths, self, d.cfg.clients, d.log)
         self.members = TopicCommands(d.topic, self.room, self.topic_log, self.sockets,
                                      self.peers, d.cfg, d.log, self.fanned.set)
+        self.members.held = True  # until our members are back (startup)
         self._nicks: dict[str, str] = {}  # of restored sockets, as the router knows them
 
     # Members' connections are the topic's; restored ones start here.
@@ -86,6 +87,7 @@ class Server:
                     continue
                 self.room.join(conn.sid, nick)
         self.reconcile(in_log)
+        self.members.held = False
         self.send_unsent()
         if self.fanned.paused and not await self._writable_again():
             return  # still full: we stop again, silently (the members were told)

@@ -17,6 +17,7 @@ from typing import Any
 
 from theychat.daemons import ops, render
 from theychat.daemons.clientconn import ClientConn
+from theychat.daemons.cluster import LOST_NOTICE
 from theychat.daemons.commands import MOVE_RETRY_S, Commands, Conn, Pending, handoff_error
 from theychat.daemons.config import Config
 from theychat.daemons.control import Message, check, fail, ok
@@ -48,6 +49,10 @@ class TopicCommands(Commands):
         self.cfg = cfg
         self.log = logger
         self._fanned = fanned  # the fan-out watermark: every member has had up to seq
+        # While the server starts, its members are not all back yet: commits that come
+        # meanwhile (a cluster's log is followed from the start) must not move the
+        # watermark past what they got.
+        self.held = False
         self.closing = False  # shutting down: connections end, but nobody left
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unanswered: set[asyncio.Future[list[Posted]]] = set()  # lines in the log's hands
@@ -95,6 +100,8 @@ class TopicCommands(Commands):
 
     def fan_out(self, entries: list[Posted]) -> None:
         """The log committed these: every member but their sender sees them now."""
+        if self.held:
+            return  # they are in the tail: Server.send_unsent gives them out
         for e in entries:
             self.broadcast(e.event(self.topic), skip=e.sid)
             self._mark_fanned(e.seq)
@@ -358,6 +365,10 @@ class TopicCommands(Commands):
         members hear it as from one of ours. Changes made here were announced here."""
         now, before = change.entry, change.prev
         latest = now or before
+        if (now is None and before is not None and self.room.host
+                and before.value.get("host") == self.room.host and not before.value.get("gone")):
+            self._removed_by_the_cluster(before.key[len(MEMBER):])
+            return
         if latest is None or latest.value.get("host", "") == self.room.host or (
                 before is not None and before.value.get("host", "") == self.room.host):
             return  # ours, or a session of ours taken over by another host
@@ -380,6 +391,20 @@ class TopicCommands(Commands):
         else:
             return
         self.broadcast(event)
+
+    def _removed_by_the_cluster(self, sid: str) -> None:
+        """A member of ours whose entry another host deleted: the cluster took our host
+        for dead (host_gone) and told everyone that member left. Still connected here,
+        they would speak as nobody: they go, and resume (their host's router closes the
+        rest when it finds its lease gone)."""
+        conn = self.sockets.get(sid)
+        if conn is None or conn.close_reason is not None:
+            return  # gone already: the delete was ours
+        self.sockets.lost(conn)
+        conn.send({"type": "notice", "text": LOST_NOTICE})
+        conn.close("removed by the cluster")
+        withdrawn = self.topic_log.withdraw({sid})
+        self.log.warning("member_removed_by_cluster", session=sid, withdrawn=withdrawn)
 
     def banned_elsewhere(self, change: Change) -> None:
         """A ban made on another host: a member of ours with that nick goes (one made
@@ -404,12 +429,16 @@ class TopicCommands(Commands):
     def lost_cluster(self, op: ops.ClusterLost) -> Message:
         """Our host is cut off: every member here goes (our monitor's copies too)."""
         self.closing = True  # nobody left the topic: they resume on another host
+        sids = set()
         for conn in self.sockets:
+            sids.add(conn.sid)
             self.sockets.lost(conn)
             conn.send({"type": "notice", "text": op.notice})
             conn.close("lost the cluster")
         self.closing = False
-        return ok()
+        withdrawn = self.topic_log.withdraw(sids)
+        self.log.warning("members_let_go", count=len(sids), withdrawn=withdrawn)
+        return ok(withdrawn=withdrawn)
 
     def cmd_ban(self, conn: Conn, cmd: Command) -> Pending:
         return self._ban(conn, cmd.arg)

@@ -96,6 +96,17 @@ class TopicLog(Protocol):
         """Complete once everything appended so far is committed."""
         ...
 
+    def withdraw(self, sids: set[str]) -> int:
+        """Lines of these sessions that the log has not begun to commit are dropped,
+        their appends failed with `Withdrawn`; how many appends. A host that lets its
+        clients go (it lost the cluster) withdraws what they said meanwhile: never
+        acknowledged, it must not surface later, after what they said elsewhere."""
+        ...
+
+
+class Withdrawn(Exception):
+    """An append given up before it was committed (`TopicLog.withdraw`)."""
+
 
 class Tail:
     """The end of a log that a topic keeps in memory, pure: the last `history.size`
@@ -265,6 +276,9 @@ class TailLog:
         last = self._last
         if last is not None and not last.done():
             await asyncio.wait([last])
+
+    def withdraw(self, sids: set[str]) -> int:
+        return 0  # on one host every line taken is being written already: none to drop
 
 
 class MemoryTopicLog(TailLog):

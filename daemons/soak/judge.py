@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from theychat.daemons.soak.plan import role_of
+from theychat.daemons.soak.plan import HOST_KINDS, role_of, split
 from theychat.daemons.soak.tree import read_events
 
 MATCH_WITHIN_S = 20.0  # a fault's declaration and restart must follow within this
@@ -89,6 +89,8 @@ def percentiles(values: Sequence[float]) -> tuple[float, float, float] | None:
 def group_of(kind: str, targets: Sequence[str]) -> str:
     if kind == "client_reset":
         return "client reset"
+    if kind in HOST_KINDS:
+        return f"{kind.replace('_', ' ')} host"
     return f"{kind} {'+'.join(role_of(t) for t in targets)}"
 
 
@@ -96,12 +98,16 @@ def group_of(kind: str, targets: Sequence[str]) -> str:
 
 
 def read_daemon_logs(logs: Path) -> list[dict[str, Any]]:
+    """Every event of every log, in time order, with `_file` (`router`, or on several
+    hosts `h1/router`) and `_host` ("" on one host)."""
     events = []
-    for path in sorted(logs.glob("*.log")):
+    for path in sorted(logs.glob("*.log")) + sorted(logs.glob("*/*.log")):
+        host = "" if path.parent == logs else path.parent.name
         for ev in read_events(path):
             if isinstance(ev.get("ts"), str):
                 ev["_t"] = parse_ts(ev["ts"])
-                ev["_file"] = path.stem
+                ev["_file"] = f"{host}/{path.stem}" if host else path.stem
+                ev["_host"] = host
                 events.append(ev)
     events.sort(key=lambda e: e["_t"])
     return events
@@ -124,14 +130,22 @@ def assess(run: dict[str, Any], faults: list[dict[str, Any]], events: list[dict[
     violations: list[str] = []
     t0 = float(run["traffic_from"])
     topic_of: dict[str, str] = run["clients"]
+    for rec in faults:
+        if "recovery_failed" in rec:
+            violations.append(f"fault at {rec['at']:.1f}s ({rec['kind']}): "
+                              f"{rec['recovery_failed']}")
+    faults = [rec for rec in faults if "recovery_failed" not in rec]
     injected = [f for f in faults if f.get("t") is not None]
 
     results, explained = _match_faults(injected, events, violations)
-    declarations = [e for e in events if e.get("event") == "peer_declared_dead"]
+    declarations = [e for e in events
+                    if e.get("event") in ("peer_declared_dead", "host_declared_dead")]
     false = [e for e in declarations if id(e) not in explained]
     for e in false:
-        violations.append(f"{e['ts']}: {e['_file']} declared {e.get('child')} dead "
-                          f"({e.get('cause')}) with no fault injected")
+        what = e.get("child") or f"host {e.get('host')}"
+        violations.append(f"{e['ts']}: {e['_file']} declared {what} dead "
+                          f"({e.get('cause') or 'suspected by ' + str(e.get('suspected_by'))})"
+                          " with no fault injected")
     gave_up = [e for e in events if e.get("event") == "gave_up"]
     for e in gave_up:
         violations.append(f"{e['ts']}: {e['_file']} gave up on {e.get('child')}")
@@ -143,6 +157,10 @@ def assess(run: dict[str, Any], faults: list[dict[str, Any]], events: list[dict[
     left = status.get("left_behind", [])
     for name in unhealthy:
         violations.append(f"at the end, {name} was not alive and ready")
+    sequencers = status.get("sequencers", {})
+    orphans = sorted(t for t, host in sequencers.items() if not host)
+    for t in orphans:
+        violations.append(f"at the end, topic {t} had no sequencer")
     if left:
         violations.append(f"processes left behind after shutdown: {left}")
 
@@ -180,12 +198,16 @@ def assess(run: dict[str, Any], faults: list[dict[str, Any]], events: list[dict[
     checks = [
         Check("faults injected", planned > 0 and len(injected) == planned,
               f"{len(injected)} of {planned} planned"),
-        Check("every fault followed by peer_declared_dead and restarted", not unmatched,
+        Check("every fault detected and recovered from" if run.get("hosts") else
+              "every fault followed by peer_declared_dead and restarted", not unmatched,
               f"{len(results) - len(unmatched)} of {len(results)} matched"),
         Check("false suspicions", not false, str(len(false))),
         Check("supervisors that gave up", not gave_up, str(len(gave_up))),
         Check("every daemon alive and ready at the end", not unhealthy and bool(rows),
               f"{len(rows) - len(unhealthy)} of {len(rows)}"),
+        *([Check("every topic with a sequencer at the end", not orphans,
+                 f"{len(sequencers) - len(orphans)} of {len(sequencers)}")]
+          if run.get("hosts") else []),
         Check("processes left behind", not left, str(len(left))),
         Check("acknowledged messages", counts["acked"] > 0, str(counts["acked"])),
         Check("gaps", counts["gaps"] == 0, str(counts["gaps"])),
@@ -210,47 +232,97 @@ def assess(run: dict[str, Any], faults: list[dict[str, Any]], events: list[dict[
 
 def _match_faults(injected: list[dict[str, Any]], events: list[dict[str, Any]],
                   violations: list[str]) -> tuple[list[FaultResult], set[int]]:
-    """Pair each fault with the declaration and the restart of each daemon it hit."""
+    """Pair each fault with the declaration and the restart of each daemon it hit (or,
+    for a host fault, with the other hosts' verdict and the host's return)."""
     explained: set[int] = set()
     results = []
-    declared_by_child: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    restarted_by_child: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    declared_by_child: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    restarted_by_child: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for e in events:
         if e.get("event") == "peer_declared_dead":
-            declared_by_child[str(e.get("child"))].append(e)
+            declared_by_child[e.get("_host", ""), str(e.get("child"))].append(e)
         elif e.get("event") in ("restarted", "child_adopted"):
-            restarted_by_child[str(e.get("child"))].append(e)
+            restarted_by_child[e.get("_host", ""), str(e.get("child"))].append(e)
     for f in injected:
         t = float(f["t"])
         res = FaultResult(t, f["kind"], list(f["targets"]), group_of(f["kind"], f["targets"]))
         results.append(res)
         if f["kind"] == "client_reset":
             continue  # judged by its client's transcript: resumed, no gap
-        for name in f["targets"]:
-            pid = f.get("pids", {}).get(name)
+        if f["kind"] in HOST_KINDS:
+            _match_host_fault(res, events, explained)
+        _explain_roots_pair(res, events, explained)
+        for target in f["targets"] if f["kind"] not in HOST_KINDS else ():
+            host, name = split(target)
+            pid = f.get("pids", {}).get(target)
             # The same death may be declared twice: by a supervisor that saw the exit just
             # before it died too, and by its successor that finds the child dead.
-            deaths = [e for e in declared_by_child[name]
+            deaths = [e for e in declared_by_child[host, name]
                       if t - 0.05 <= e["_t"] <= t + MATCH_WITHIN_S
                       and e.get("child_pid") in (None, pid)]
             if not deaths:
-                res.declared[name] = res.restarted[name] = None
-                res.problems.append(f"no peer_declared_dead for {name}")
+                res.declared[target] = res.restarted[target] = None
+                res.problems.append(f"no peer_declared_dead for {target}")
                 continue
             explained.update(id(e) for e in deaths)
             dead = deaths[0]
-            res.declared[name] = dead["_t"] - t
+            res.declared[target] = dead["_t"] - t
             # `restarted`, or (when the supervisor that restarted it died before its
             # first beat) its new process adopted by that supervisor's successor.
-            back = next((e for e in restarted_by_child[name]
+            back = next((e for e in restarted_by_child[host, name]
                          if dead["_t"] <= e["_t"] <= dead["_t"] + MATCH_WITHIN_S
                          and (e["event"] == "restarted" or e.get("child_pid") != pid)), None)
-            res.restarted[name] = None if back is None else back["_t"] - t
+            res.restarted[target] = None if back is None else back["_t"] - t
             if back is None:
-                res.problems.append(f"no restarted for {name}")
+                res.problems.append(f"no restarted for {target}")
         for p in res.problems:
             violations.append(f"fault at {f['at']:.1f}s ({res.group}): {p}")
     return results, explained
+
+
+def _explain_roots_pair(res: FaultResult, events: list[dict[str, Any]],
+                        explained: set[int]) -> None:
+    """Both roots of a host killed at once (router and router-monitor, on several
+    hosts): nothing beats for the host until its manager restarts them, so the others
+    may rightly declare it dead. Such a verdict is explained, not required."""
+    hosts = {split(t)[0] for t in res.targets}
+    for host in hosts - {""}:
+        if {f"{host}/router", f"{host}/router-monitor"} <= set(res.targets):
+            explained.update(id(e) for e in events
+                             if e.get("event") == "host_declared_dead"
+                             and e.get("host") == host
+                             and res.t - 0.05 <= e["_t"] <= res.t + MATCH_WITHIN_S)
+
+
+def _match_host_fault(res: FaultResult, events: list[dict[str, Any]],
+                      explained: set[int]) -> None:
+    """A host killed or cut off: the others declare it dead (`host_declared_dead`; its
+    lease revoked, its topics sequenced elsewhere), and it comes back: killed, its
+    record appears again for the others (`host_joined`); cut off, it gave up its
+    clients (`cluster_lost`) and then regained the cluster (`cluster_regained`)."""
+    host, t = res.targets[0], res.t
+    within = [e for e in events if t - 0.05 <= e["_t"] <= t + MATCH_WITHIN_S + 10]
+    verdicts = [e for e in within if e.get("event") == "host_declared_dead"
+                and e.get("host") == host and e.get("_host", "") != host]
+    if not verdicts:
+        res.declared[host] = res.restarted[host] = None
+        res.problems.append(f"no host_declared_dead for {host}")
+        return
+    explained.update(id(e) for e in verdicts)
+    res.declared[host] = verdicts[0]["_t"] - t
+    if res.kind == "partition":
+        if not any(e.get("event") == "cluster_lost" and e.get("_host", "") == host for e in within):
+            res.problems.append(f"no cluster_lost on {host}")
+        back = next((e for e in within if e.get("event") == "cluster_regained"
+                     and e.get("_host", "") == host and e["_t"] > verdicts[0]["_t"]), None)
+    else:
+        back = next((e for e in within if e.get("event") == "host_joined"
+                     and e.get("host") == host and e.get("_host", "") != host
+                     and e["_t"] > verdicts[0]["_t"]), None)
+    res.restarted[host] = None if back is None else back["_t"] - t
+    if back is None:
+        res.problems.append(f"{host} did not come back "
+                            f"({'cluster_regained' if res.kind == 'partition' else 'host_joined'})")
 
 
 def _deliveries(transcripts: dict[str, list[dict[str, Any]]], topic_of: dict[str, str],

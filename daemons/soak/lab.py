@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from theychat.daemons import config, procs, status
 from theychat.daemons.cluster import make_key
+from theychat.daemons.paths import StatePaths
 from theychat.daemons.soak.etcdlab import ETCD, EtcdCluster
 
 CLIENT_PORT = 7000
@@ -83,8 +85,12 @@ class Host:
     def door(self) -> str:
         return f"{self.client_ip}:{CLIENT_PORT}"
 
+    @property
+    def paths(self) -> StatePaths:
+        return StatePaths(self.state)
+
     def log(self, daemon: str) -> Path:
-        return self.state / "logs" / f"{daemon}.log"
+        return self.paths.log(daemon)
 
     def events(self, daemon: str) -> list[dict[str, Any]]:
         out = []
@@ -118,6 +124,11 @@ class Lab:
     @property
     def doors(self) -> str:
         return ",".join(h.door for h in self.hosts)
+
+    @property
+    def cfg(self) -> config.Config:
+        """The config of the first host (the others differ only in their own addresses)."""
+        return config.from_mapping(self.host_config(self.hosts[0]))
 
     # -- the network ----------------------------------------------------------------------
 
@@ -162,7 +173,7 @@ class Lab:
         cfg: dict[str, Any] = {
             "state_dir": str(h.state),
             "listen": {"host": h.client_ip, "port": CLIENT_PORT},
-            "topics": self.topics,
+            "topics": {"names": self.topics},
             "cluster": {"name": "lab", "host": h.name, "etcd": [mine, *endpoints],
                         "advertise": h.cluster_ip, "port": LINK_PORT,
                         "key_file": str(self.key_file),
@@ -215,6 +226,43 @@ class Lab:
             if t["topic"] == topic and t["sequencer"]:
                 return next(h for h in self.hosts if h.name == t["sequencer"])
         return None
+
+    def host(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+    def pid_record(self, target: str) -> procs.PidRecord | None:
+        """The pid file of `HOST/DAEMON`."""
+        host, _, name = target.partition("/")
+        return procs.read_pidfile(self.host(host).paths.pidfile(name))
+
+    def status(self) -> list[dict[str, Any]]:
+        """`theychat status` of every host, one row per daemon named HOST/NAME."""
+        rows = []
+        for h in self.hosts:
+            for row in status.gather(config.load(str(h.config)), h.paths):
+                rows.append({**row, "name": f"{h.name}/{row['name']}", "host": h.name})
+        return rows
+
+    def copy_logs(self, dest: Path) -> None:
+        """Every host's daemon logs, to dest/HOST/."""
+        for h in self.hosts:
+            (dest / h.name).mkdir(parents=True, exist_ok=True)
+            for path in h.paths.logs.glob("*"):
+                shutil.copy(path, dest / h.name / path.name)
+
+    def down(self) -> list[int]:
+        """`theychat down` on every host, then what is left of TheyChat (etcd aside):
+        those pids, killed."""
+        for h in self.hosts:
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                self.cli(h, "down", timeout=60)
+        etcd = {m.proc.pid for m in self.etcd.members if m.proc is not None}
+        left = [pid for h in self.hosts for pid in self.pids(h) if pid not in etcd]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+        return left
 
     def pids(self, h: Host) -> list[int]:
         res = subprocess.run(["ip", "netns", "pids", h.netns], capture_output=True, text=True,

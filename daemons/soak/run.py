@@ -1,7 +1,11 @@
 """`theychat soak`: start a tree, talk, inject faults, stop, then judge what was written.
 
     theychat soak [--config FILE] --duration S --clients N --fault-every S [--seed S]
-                  [--report DIR] [--rate R] [--faults KIND ...] [--keep]
+                  [--report DIR] [--rate R] [--faults KIND ...] [--keep] [--hosts N]
+
+With `--hosts 3` (or 5) the soak runs on a lab cluster (lab.py: each host a network
+namespace with its etcd member and its tree; root and etcd needed) and its faults include
+whole hosts killed and cut off (plan.HOST_KINDS).
 
 Exit status: 0 when every check of the verdict holds, 1 when one does not, 2 when the
 soak could not run (bad arguments, a tree that does not start).
@@ -13,9 +17,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,18 +29,22 @@ from typing import Any
 
 import yaml
 
-from theychat.daemons import config, procs
+from theychat.daemons import config, procs, status
 from theychat.daemons.errors import TheyChatError
 from theychat.daemons.soak import plan as planning
 from theychat.daemons.soak.clients import SoakClient
 from theychat.daemons.soak.judge import judge
+from theychat.daemons.soak.lab import CLIENT_PORT, UP_TIMEOUT_S, Lab, why_no_lab
 from theychat.daemons.soak.report import NO_TIMELINE, can_draw, markdown, timeline
-from theychat.daemons.soak.tree import HOST, Tree
+from theychat.daemons.soak.tree import HOST, Tree, merge
 
 JOIN_TIMEOUT_S = 20.0
 DRAIN_S = 3.0  # after the last line is sent: time for every delivery to arrive
 TARGET_WAIT_S = 5.0  # a fault's target must be alive again within this to be hit
 STOP_HOLD_FACTOR = 3  # SIGSTOP lasts this many heartbeat timeouts (if not killed first)
+HOST_DOWN_S = 2.0  # a killed host is started again this long after
+PARTITION_EXTRA_S = 2.0  # a partition lasts cluster.lost_after_s and this much more: the
+#                          host gives up its clients, who move to the majority
 
 
 class SoakError(TheyChatError):
@@ -54,11 +64,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default ./soak-YYYYmmdd-HHMMSS)")
     p.add_argument("--rate", type=float, default=5.0, metavar="LINES_PER_S",
                    help="lines per second each client sends (default 5)")
-    p.add_argument("--faults", nargs="+", choices=planning.KINDS, default=list(planning.KINDS),
+    every_kind = planning.KINDS + planning.HOST_KINDS
+    p.add_argument("--faults", nargs="+", choices=every_kind, default=None,
                    metavar="KIND", help=f"kinds of fault to inject (default all: "
-                                        f"{' '.join(planning.KINDS)})")
+                                        f"{' '.join(planning.KINDS)}, and with --hosts "
+                                        f"{' '.join(planning.HOST_KINDS)})")
     p.add_argument("--keep", action="store_true",
                    help="keep the tree's state directory (its path is printed)")
+    p.add_argument("--hosts", type=int, default=1, metavar="N",
+                   help="1 (default): one tree on loopback; 3 or 5: a cluster of that many "
+                        "hosts in network namespaces (root, etcd-server)")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -70,6 +85,15 @@ def validate(args: argparse.Namespace) -> None:
         raise SoakError("--fault-every: at least 1 second")
     if not 0 < args.rate <= 100:
         raise SoakError("--rate: expected more than 0 and at most 100 lines per second")
+    if args.hosts not in (1, 3, 5):
+        raise SoakError("--hosts: expected 1, 3 or 5 (an odd number, for etcd's majority)")
+    if args.faults is None:
+        args.faults = list(planning.KINDS + (planning.HOST_KINDS if args.hosts > 1 else ()))
+    wrong = [k for k in args.faults if k in planning.HOST_KINDS and args.hosts == 1]
+    if wrong:
+        raise SoakError(f"--faults {' '.join(wrong)}: needs --hosts 3 or 5")
+    if args.hosts > 1 and (why := why_no_lab()):
+        raise SoakError(f"--hosts {args.hosts}: {why}")
 
 
 def base_config(path: str | None) -> dict[str, Any]:
@@ -80,31 +104,53 @@ def base_config(path: str | None) -> dict[str, Any]:
     if cfg.listen.tls.enabled:
         raise SoakError(f"{path}: listen.tls: the soak's clients speak plain TCP; "
                         "soak a copy of the config without it")
+    if cfg.cluster is not None:
+        raise SoakError(f"{path}: cluster: the soak makes its own (--hosts 3); soak a copy "
+                        "of the config without it")
     data = yaml.safe_load(Path(path).read_text()) or {}
     assert isinstance(data, dict)
     return data
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, tree: Tree, report: Path) -> None:
+    """The traffic and the faults, on one tree (`tree`) or a lab of hosts (`lab`)."""
+
+    def __init__(self, args: argparse.Namespace, tree: Tree | Lab, report: Path) -> None:
         self.args = args
         self.tree = tree
+        self.lab = tree if isinstance(tree, Lab) else None
         self.report = report
-        self.topics = list(tree.cfg.topics.names)
+        self.cfg = tree.cfg
+        self.topics = list(self.cfg.topics.names)
         width = len(str(args.clients))
         self.clients = [
-            SoakClient(f"soak{i:0{width}d}", self.topics[i % len(self.topics)], HOST, tree.port,
-                       args.rate, report / "clients" / f"soak{i:0{width}d}.jsonl",
-                       phase=i / args.clients)
+            self._client(f"soak{i:0{width}d}", self.topics[i % len(self.topics)], i)
             for i in range(1, args.clients + 1)
         ]
-        s = tree.cfg.supervision
+        s = self.cfg.supervision
+        hosts = [h.name for h in self.lab.hosts] if self.lab else []
         self.faults = planning.plan(args.seed, args.duration, args.fault_every, self.topics,
                                     [c.nick for c in self.clients], tuple(args.faults),
-                                    max_hits=max(1, s.max_restarts - 1), window_s=s.window_s)
+                                    max_hits=max(1, s.max_restarts - 1), window_s=s.window_s,
+                                    hosts=hosts)
         self.fault_log = open(report / "faults.jsonl", "w")  # noqa: SIM115 (closed in run)
         self.interrupted = False
         self.traffic_from = self.traffic_until = 0.0
+        self.away: set[str] = set()  # hosts killed or cut off, not back yet
+        self.recoveries: set[asyncio.Task[None]] = set()
+
+    def _client(self, nick: str, topic: str, i: int) -> SoakClient:
+        transcript = self.report / "clients" / f"{nick}.jsonl"
+        phase = i / self.args.clients
+        if self.lab is None:
+            assert isinstance(self.tree, Tree)
+            return SoakClient(nick, topic, HOST, self.tree.port, self.args.rate, transcript,
+                              phase=phase)
+        # People are spread over the hosts, and know every door (as theychat chat does).
+        doors = [(h.client_ip, CLIENT_PORT) for h in self.lab.hosts]
+        doors = doors[i % len(doors):] + doors[:i % len(doors)]
+        return SoakClient(nick, topic, doors[0][0], CLIENT_PORT, self.args.rate, transcript,
+                          phase=phase, doors=doors, netns=self.lab.clients)
 
     async def run(self) -> None:
         tasks = [asyncio.ensure_future(c.run()) for c in self.clients]
@@ -132,6 +178,8 @@ class Soak:
             for c in self.clients:
                 c.stop()
             await asyncio.wait(tasks, timeout=10)
+            if self.recoveries:  # every host back before the end is judged
+                await asyncio.wait(self.recoveries, timeout=UP_TIMEOUT_S)
             self.fault_log.close()
 
     def _record(self, fault: planning.Fault, **fields: Any) -> None:
@@ -141,13 +189,34 @@ class Soak:
 
     async def _alive(self, name: str) -> procs.PidRecord | None:
         """The daemon's current process, once it is back from an earlier fault."""
+        if planning.split(name)[0] in self.away:
+            return None
         deadline = time.monotonic() + TARGET_WAIT_S
+        loop = asyncio.get_running_loop()
         while time.monotonic() < deadline:
             rec = self.tree.pid_record(name)
-            if rec is not None and rec.alive() and not rec.stopped:
+            if (rec is not None and rec.alive() and not rec.stopped
+                    and await loop.run_in_executor(None, self._supervised, name, rec.pid)):
                 return rec
             await asyncio.sleep(0.05)
         return None
+
+    def _supervised(self, target: str, pid: int) -> bool:
+        """Whether the target's supervisor is ready and watches this very process: a
+        fault on a daemon whose supervisor is itself still starting (or adopting it)
+        tests that supervisor's grace, not its watch."""
+        host, name = planning.split(target)
+        sup = planning.split(planning.supervisor_of(target))[1]
+        if self.lab is not None:
+            paths = self.lab.host(host).paths
+        else:
+            assert isinstance(self.tree, Tree)
+            paths = self.tree.paths
+        reply = status.query(paths, sup)
+        if reply is None or reply.get("daemon", {}).get("state") != "ready":
+            return False
+        return any(c.get("name") == name and c.get("pid") == pid and c.get("state") == "running"
+                   for c in reply.get("children", []))
 
     async def inject(self, fault: planning.Fault) -> None:
         if fault.kind == "client_reset":
@@ -159,6 +228,9 @@ class Soak:
                     self._record(fault, t=t, targets_hit=[c.nick])
                     return
             self._record(fault, t=None, skipped="no client was connected")
+            return
+        if fault.kind in planning.HOST_KINDS:
+            await self._host_fault(fault)
             return
         recs = {}
         for name in fault.targets:
@@ -178,6 +250,48 @@ class Soak:
                 hold, lambda: [procs.signal_process(r, signal.SIGCONT) for r in recs.values()])
 
 
+    async def _host_fault(self, fault: planning.Fault) -> None:
+        """A host killed whole (started again HOST_DOWN_S later), or cut off from the
+        others for longer than cluster.lost_after_s (then healed)."""
+        assert self.lab is not None
+        lab, h = self.lab, self.lab.host(fault.targets[0])
+        if self.away:
+            self._record(fault, t=None, skipped=f"{', '.join(sorted(self.away))} still away")
+            return
+        loop = asyncio.get_running_loop()
+        self.away.add(h.name)
+        t = time.time()
+        if fault.kind == "host_kill":
+            killed = await loop.run_in_executor(None, lab.kill_host, h)
+            self._record(fault, t=t, killed=killed, back_after_s=HOST_DOWN_S)
+
+            async def back() -> None:
+                await asyncio.sleep(HOST_DOWN_S)
+                await loop.run_in_executor(None, lab.restart_host, h)
+        else:
+            assert self.cfg.cluster is not None
+            hold = self.cfg.cluster.lost_after_s + PARTITION_EXTRA_S
+            await loop.run_in_executor(None, lab.partition, h)
+            self._record(fault, t=t, back_after_s=hold)
+
+            async def back() -> None:
+                await asyncio.sleep(hold)
+                await loop.run_in_executor(None, lab.heal, h)
+
+        async def recover() -> None:
+            try:
+                await back()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                self.fault_log.write(json.dumps({"at": fault.at, "kind": fault.kind,
+                                                 "recovery_failed": f"{h.name}: {e}"}) + "\n")
+            finally:
+                self.away.discard(h.name)
+
+        task = asyncio.ensure_future(recover())
+        self.recoveries.add(task)
+        task.add_done_callback(self.recoveries.discard)
+
+
 def run(args: argparse.Namespace) -> int:
     validate(args)
     base = base_config(args.config)
@@ -189,15 +303,26 @@ def run(args: argparse.Namespace) -> int:
         (report / "logs").mkdir(exist_ok=True)
     except OSError as e:
         raise SoakError(f"--report {report}: {e.strerror or e}") from None
-    # Every client comes from loopback: make room for them, unless the config says.
+    # Every client comes from one address: make room for them, unless the config says.
     clients = base.get("clients")
     room = {} if isinstance(clients, dict) and "max_per_address" in clients else {
         "clients": {"max_per_address": max(50, 2 * args.clients)}}
-    tree = Tree(room, keep=args.keep, base=base, prefix="tc-soak-")
-    soak = Soak(args, tree, report)
+    stage: Tree | Lab
+    if args.hosts == 1:
+        stage = Tree(room, keep=args.keep, base=base, prefix="tc-soak-")
+        where = f"tree in {stage.root}, port {stage.port}"
+    else:
+        extra = merge({k: v for k, v in base.items() if k not in ("state_dir", "listen")},
+                      room)
+        if isinstance(extra.get("topics"), list):
+            extra["topics"] = {"names": extra["topics"]}
+        topics = config.from_mapping(base).topics.names
+        stage = Lab(args.hosts, topics=topics, extra=extra)
+        where = f"lab of {args.hosts} hosts in {stage.root}, doors {stage.doors}"
+    soak = Soak(args, stage, report)
     command = "theychat soak " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    print(f"soak: tree in {tree.root}, port {tree.port}; {len(soak.faults)} faults planned; "
-          f"report in {report}", file=sys.stderr, flush=True)
+    print(f"soak: {where}; {len(soak.faults)} faults planned; report in {report}",
+          file=sys.stderr, flush=True)
 
     def interrupt(signum: int, frame: object) -> None:
         soak.interrupted = True
@@ -205,18 +330,31 @@ def run(args: argparse.Namespace) -> int:
     old = [signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)]
     started = time.time()
     rows: list[dict[str, Any]] = []
+    sequencers: dict[str, str | None] = {}
     try:
-        tree.up()
+        if isinstance(stage, Lab):
+            stage.start()
+        else:
+            stage.up()
         asyncio.run(soak.run())
-        rows = tree.status()
+        rows = stage.status()
+        if isinstance(stage, Lab):
+            sequencers = {t["topic"]: t["sequencer"] for t in stage.cluster_view()["topics"]}
     except RuntimeError as e:
         raise SoakError(str(e)) from e
     finally:
-        left = tree.stop(remove=False)
-        for path in tree.paths.logs.glob("*"):
-            shutil.copy(path, report / "logs" / path.name)
-        if not args.keep:
-            shutil.rmtree(tree.root, ignore_errors=True)
+        if isinstance(stage, Lab):
+            left = stage.down()
+            stage.copy_logs(report / "logs")
+            if args.keep:
+                os.environ["THEYCHAT_KEEP"] = "1"  # the lab leaves its directory
+            stage.stop()
+        else:
+            left = stage.stop(remove=False)
+            for path in stage.paths.logs.glob("*"):
+                shutil.copy(path, report / "logs" / path.name)
+            if not args.keep:
+                shutil.rmtree(stage.root, ignore_errors=True)
         for s, handler in zip((signal.SIGINT, signal.SIGTERM), old, strict=True):
             signal.signal(s, handler)
     meta = {"seed": args.seed, "duration": args.duration, "fault_every": args.fault_every,
@@ -225,9 +363,11 @@ def run(args: argparse.Namespace) -> int:
             "started": started, "traffic_from": soak.traffic_from,
             "traffic_until": soak.traffic_until, "ended": time.time(),
             "interrupted": soak.interrupted,
-            "heartbeat_timeout_ms": tree.cfg.heartbeat.timeout_ms}
+            "heartbeat_timeout_ms": stage.cfg.heartbeat.timeout_ms,
+            "hosts": [h.name for h in stage.hosts] if isinstance(stage, Lab) else []}
     (report / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (report / "status.json").write_text(json.dumps({"rows": rows, "left_behind": left},
+    (report / "status.json").write_text(json.dumps({"rows": rows, "left_behind": left,
+                                                    "sequencers": sequencers},
                                                    indent=2) + "\n")
     verdict = judge(report)
     drawn = can_draw()

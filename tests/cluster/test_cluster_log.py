@@ -6,7 +6,9 @@ when the old one's host loses its lease, with nothing acknowledged lost."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +18,7 @@ from theychat.daemons import links
 from theychat.daemons.clusterlog import ClusterTopicLog
 from theychat.daemons.etcd import Etcd, EtcdError
 from theychat.daemons.soak.etcdlab import EtcdCluster
-from theychat.daemons.topiclog import Draft, Posted
+from theychat.daemons.topiclog import Draft, Posted, Withdrawn
 
 KEY = b"k" * 32
 TOPICS = itertools.count()
@@ -43,6 +45,7 @@ class Host:
         self.log = Log()
         self.server: asyncio.Server | None = None
         self.topic_log: ClusterTopicLog | None = None
+        self.stale_after_s: float | None = None  # lines here carry made-up times
 
     async def start(self, keep: int = 100) -> None:
         self.lease_id = await self.etcd.grant(2)
@@ -51,7 +54,8 @@ class Host:
         port = self.server.sockets[0].getsockname()[1]
         self.topic_log = ClusterTopicLog(self.topic, self.etcd, self.prefix, self.name,
                                          f"127.0.0.1:{port}", keep, KEY,
-                                         lambda: self.lease_id, self.log)
+                                         lambda: self.lease_id, self.log,
+                                         stale_after_s=self.stale_after_s)
         self.topic_log.follow(self.seen.extend)
         await self.topic_log.start()
 
@@ -84,12 +88,15 @@ class Host:
 
 
 def run(etcd1: EtcdCluster, names: list[str],
-        body: Callable[[list[Host]], Awaitable[None]]) -> None:
+        body: Callable[[list[Host]], Awaitable[None]],
+        prepare: Callable[[list[Host]], None] | None = None) -> None:
     n = next(TOPICS)
     prefix = f"/test/cl{n}/"
 
     async def main() -> None:
         hosts = [Host(name, etcd1, prefix, f"t{n}") for name in names]
+        if prepare is not None:
+            prepare(hosts)
         try:
             for h in hosts:
                 await h.start()
@@ -117,11 +124,20 @@ def log_of(h: Host) -> ClusterTopicLog:
 def test_every_host_sees_every_line_once_in_one_order(etcd1: EtcdCluster) -> None:
     async def body(hosts: list[Host]) -> None:
         acked: list[Posted] = []
+        outran: list[tuple[str, int, int]] = []
+
+        def answered(h: Host, f: asyncio.Future[list[Posted]]) -> None:
+            acked.extend(f.result())
+            seen = h.seen[-1].seq if h.seen else 0
+            if f.result()[-1].seq > seen:  # the sender would hear `sent N` before N-1
+                outran.append((h.name, f.result()[-1].seq, seen))
+
         for i in range(20):
             for h in hosts:
                 fut = log_of(h).append([Draft(f"s-{h.name}", h.name, f"{h.name} {i}", 1.0)])
-                fut.add_done_callback(lambda f: acked.extend(f.result()))
+                fut.add_done_callback(functools.partial(answered, h))
         await until(lambda: len(acked) == 60)
+        assert outran == []  # an answer comes once its host has delivered up to it
         for h in hosts:
             await log_of(h).sync()
         orders = [[(p.seq, p.text) for p in h.seen] for h in hosts]
@@ -133,7 +149,19 @@ def test_every_host_sees_every_line_once_in_one_order(etcd1: EtcdCluster) -> Non
             assert mine == [f"{h.name} {i}" for i in range(20)]
         assert [p.text for p in log_of(hosts[1]).last(3)] == [t for _, t in orders[0][-3:]]
 
-    run(etcd1, ["a", "b", "c"], body)
+    def slow_watches(hosts: list[Host]) -> None:
+        """etcd's watch late on every host (as under load): answers come first."""
+        for h in hosts:
+            watch = h.etcd.watch
+
+            async def late(*args: Any, _watch: Any = watch, **kw: Any) -> Any:
+                async for batch in _watch(*args, **kw):
+                    await asyncio.sleep(0.02)
+                    yield batch
+
+            h.etcd.watch = late  # type: ignore[method-assign]
+
+    run(etcd1, ["a", "b", "c"], body, slow_watches)
 
 
 def test_a_resent_numbered_line_is_committed_once(etcd1: EtcdCluster) -> None:
@@ -217,10 +245,67 @@ def test_a_block_whose_write_fails_as_the_sequencer_changes_goes_to_the_new_one(
         old_log._write = cut_off_write  # type: ignore[method-assign]
         entries = await asyncio.wait_for(old_log.append([Draft("s", "x", "held", 1.0)]), 10)
         assert [e.text for e in entries] == ["held"]
-        await log_of(other).sync()
+        await until(lambda: bool(other.seen))
         assert [p.text for p in other.seen] == ["held"]
 
     run(etcd1, ["a", "b"], body)
+
+
+def test_withdrawn_lines_are_never_committed_and_others_are(etcd1: EtcdCluster) -> None:
+    """A host letting its clients go withdraws what they said and is not committed yet:
+    queued, or in a write that fails. Other sessions' lines go on."""
+    async def body(hosts: list[Host]) -> None:
+        owner = next(h for h in hosts if log_of(h).sequencing)
+        other = next(h for h in hosts if h is not owner)
+        seq = log_of(owner)
+        real_write = seq._write
+        release = asyncio.Event()
+
+        async def stuck_write(entries: list[Posted], tags: list[str]) -> bool:
+            await release.wait()  # etcd does not answer (cut off)...
+            raise EtcdError("no etcd endpoint answered")  # ...and then says so
+
+        seq._write = stuck_write  # type: ignore[method-assign]
+        writing = seq.append([Draft("gone", "ann", "in the failing write", 1.0)])
+        await until(lambda: bool(seq._writing))
+        queued = seq.append([Draft("gone", "ann", "queued", 1.0)])
+        kept = seq.append([Draft("stays", "bob", "another's line", 1.0)])
+        assert seq.withdraw({"gone"}) == 2
+        for f in (writing, queued):
+            with pytest.raises(Withdrawn):
+                await f
+        seq._write = real_write  # type: ignore[method-assign]
+        release.set()
+        assert [e.text for e in await asyncio.wait_for(kept, 10)] == ["another's line"]
+        await log_of(other).sync()
+        await asyncio.sleep(0.3)  # time for a wrongly kept line to be committed after all
+        assert [p.text for p in other.seen] == ["another's line"]
+
+    run(etcd1, ["a", "b"], body)
+
+
+def test_a_followers_line_typed_too_long_ago_is_refused_not_committed_late(
+        etcd1: EtcdCluster) -> None:
+    """A partition's backlog reaching the sequencer when it heals (older than
+    cluster.lost_after_s: its host has let those clients go) is never committed."""
+    async def body(hosts: list[Host]) -> None:
+        owner = next(h for h in hosts if log_of(h).sequencing)
+        other = next(h for h in hosts if h is not owner)
+        late = log_of(other).append([Draft("s", "x", "typed in the partition",
+                                           time.time() - 6)])
+        fresh = log_of(other).append([Draft("s", "x", "typed now", time.time())])
+        with pytest.raises(Withdrawn):
+            await asyncio.wait_for(late, 10)
+        assert [e.text for e in await asyncio.wait_for(fresh, 10)] == ["typed now"]
+        await until(lambda: bool(owner.seen))
+        assert [p.text for p in owner.seen] == ["typed now"]
+        assert any(e == "link_line_refused" for e, _ in owner.log.events)
+
+    def bound(hosts: list[Host]) -> None:
+        for h in hosts:
+            h.stale_after_s = 5.0
+
+    run(etcd1, ["a", "b"], body, bound)
 
 
 @pytest.mark.parametrize("bad_key", [b"x" * 32])

@@ -140,3 +140,88 @@ def test_a_replacement_adopted_by_a_new_supervisor_counts_as_restarted() -> None
     assert assess(RUN, [KILL], adopted, clean(), HEALTHY).ok
     still_the_dead_one = [DEATH[0], ev(5.3, "child_adopted", child="server@x", child_pid=42)]
     assert not assess(RUN, [KILL], still_the_dead_one, clean(), HEALTHY).ok
+
+
+# --- on several hosts (theychat soak --hosts 3) ------------------------------------------
+
+LAB_RUN = {**RUN, "hosts": ["h0", "h1", "h2"]}
+LAB_HEALTHY = {**HEALTHY, "sequencers": {"x": "h0"}}
+
+
+def on(where: str, t: float, event: str, file: str = "router", **fields: Any
+       ) -> dict[str, Any]:
+    """An event logged on host `where` (by its `file` daemon)."""
+    return {**ev(t, event, f"{where}/{file}", **fields), "_host": where}
+
+
+def host_fault(kind: str, host: str = "h1") -> dict[str, Any]:
+    return {"at": 5.0, "t": T0 + 5, "kind": kind, "targets": [host]}
+
+
+def test_a_host_killed_and_back_is_matched_by_the_others_verdict_and_its_return() -> None:
+    logs = [on("h0", 5.6, "host_declared_dead", host="h1", suspected_by=["h0", "h2"]),
+            on("h2", 5.6, "host_declared_dead", host="h1", suspected_by=["h0", "h2"]),
+            on("h0", 9.5, "host_joined", host="h1")]
+    v = assess(LAB_RUN, [host_fault("host_kill")], logs, clean(), LAB_HEALTHY)
+    assert v.ok, v.violations
+    f = v.faults[0]
+    assert f.group == "host kill host"
+    assert round(f.detection_s or 0, 1) == 0.6 and round(f.recovered_s or 0, 1) == 4.5
+
+
+def test_a_host_killed_that_never_comes_back_fails() -> None:
+    logs = [on("h0", 5.6, "host_declared_dead", host="h1", suspected_by=["h0", "h2"])]
+    v = assess(LAB_RUN, [host_fault("host_kill")], logs, clean(), LAB_HEALTHY)
+    assert not v.ok
+    assert any("h1 did not come back (host_joined)" in x for x in v.violations)
+
+
+def test_a_partition_needs_the_host_to_give_up_its_clients_and_regain_the_cluster() -> None:
+    verdict = on("h0", 5.6, "host_declared_dead", host="h1", suspected_by=["h0", "h2"])
+    lost = on("h1", 10.1, "cluster_lost", away_s=5.0)
+    back = on("h1", 13.0, "cluster_regained", lease=7)
+    fault = [host_fault("partition")]
+    assert assess(LAB_RUN, fault, [verdict, lost, back], clean(), LAB_HEALTHY).ok
+    v = assess(LAB_RUN, fault, [verdict, back], clean(), LAB_HEALTHY)
+    assert any("no cluster_lost on h1" in x for x in v.violations)
+
+
+def test_a_host_declared_dead_without_a_host_fault_is_a_false_suspicion() -> None:
+    kill = {**KILL, "targets": ["h1/router"], "pids": {"h1/router": 42}}
+    logs = [on("h1", 5.003, "peer_declared_dead", "router-monitor", child="router",
+               child_pid=42, cause="exit"),
+            on("h1", 5.3, "restarted", "router-monitor", child="router", child_pid=43),
+            on("h0", 5.6, "host_declared_dead", host="h1", suspected_by=["h0", "h2"])]
+    v = assess(LAB_RUN, [kill], logs, clean(), LAB_HEALTHY)
+    assert v.faults[0].problems == []  # the router's restart was seen, on its host
+    assert checks(v)["false suspicions"] == (False, "1")
+
+
+def test_a_daemon_is_matched_on_its_own_host_only() -> None:
+    kill = {**KILL, "targets": ["h1/server@x"], "pids": {"h1/server@x": 42}}
+    elsewhere = [on("h2", 5.003, "peer_declared_dead", "server-monitor@x", child="server@x",
+                    child_pid=42, cause="exit"),
+                 on("h2", 5.2, "restarted", "server-monitor@x", child="server@x")]
+    v = assess(LAB_RUN, [kill], elsewhere, clean(), LAB_HEALTHY)
+    assert "no peer_declared_dead for h1/server@x" in v.faults[0].problems
+
+
+def test_a_topic_without_a_sequencer_at_the_end_fails() -> None:
+    status = {**LAB_HEALTHY, "sequencers": {"x": None}}
+    v = assess(LAB_RUN, [], [], clean(), status)
+    assert checks(v)["every topic with a sequencer at the end"] == (False, "0 of 1")
+
+
+def test_both_roots_of_a_host_killed_may_get_it_declared_dead() -> None:
+    pair = {"at": 5.0, "t": T0 + 5, "kind": "kill_pair",
+            "targets": ["h1/router", "h1/router-monitor"],
+            "pids": {"h1/router": 42, "h1/router-monitor": 41}}
+    logs = [on("h1", 5.5, "peer_declared_dead", "manager", child="router", child_pid=42,
+               cause="exit", both_roots=True),
+            on("h1", 5.5, "peer_declared_dead", "manager", child="router-monitor",
+               child_pid=41, cause="exit"),
+            on("h1", 6.0, "restarted", "manager", child="router"),
+            on("h1", 6.0, "restarted", "manager", child="router-monitor"),
+            on("h0", 5.6, "host_declared_dead", host="h1", suspected_by=["h0", "h2"])]
+    v = assess(LAB_RUN, [pair], logs, clean(), LAB_HEALTHY)
+    assert checks(v)["false suspicions"] == (True, "0"), v.violations
