@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -214,6 +215,8 @@ def run(kills: int, topics: int, rate: float, keep: bool = False) -> dict[str, A
         lab.stop()
     doc = analyse(out, bench.rounds, {c.nick: c.topic for c in bench.everyone})
     doc.update(topics=topics, rate=rate, transcripts=str(out) if keep else None)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return doc
 
 
