@@ -41,7 +41,7 @@ from theychat.daemons import etcd, heartbeat, ops
 from theychat.daemons.config import Cluster, Heartbeat
 from theychat.daemons.control import Message
 from theychat.daemons.errors import TheyChatError
-from theychat.daemons.etcd import Etcd, EtcdError
+from theychat.daemons.etcd import Etcd, EtcdError, EtcdUnavailable
 from theychat.daemons.heartbeat import Beat, HeartbeatListener, HeartbeatSender, PeerWatch
 
 KEY_BYTES = heartbeat.KEY_BYTES
@@ -152,7 +152,7 @@ class HostAgent:
         self.lost = False
         self.peers: dict[str, dict[str, Any]] = {}  # host -> its record
         self.watches: dict[str, PeerWatch] = {}  # the listener's: HOST/ROOT -> its beats
-        self.suspects: dict[str, set[str]] = {}  # host -> who suspects it
+        self.suspects: dict[str, dict[str, int]] = {}  # host -> who suspects which lease
         self.revoked: set[int] = set()
         self._last_ok = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -228,7 +228,14 @@ class HostAgent:
         while True:
             await asyncio.sleep(every)
             try:
-                ttl = await self.etcd.keepalive(self.lease)
+                # An attempt may take seconds (each endpoint's timeout): it must not
+                # carry us past the bound unnoticed.
+                left = self.cfg.lost_after_s - (time.monotonic() - self._last_ok)
+                try:
+                    ttl = await asyncio.wait_for(self.etcd.keepalive(self.lease),
+                                                 max(left, 0.2) if not self.lost else None)
+                except TimeoutError:
+                    raise EtcdUnavailable("no etcd endpoint answered in time") from None
                 if ttl <= 0:  # revoked (we were thought dead) or expired: start again
                     self.log.warning("host_lease_lost", lease=self.lease)
                     # The others have detached our people and removed them from their
@@ -309,8 +316,9 @@ class HostAgent:
                 silent = all(w is None or w.expired(now) for w in watches)
                 try:
                     if silent and name not in mine:
-                        await self.etcd.put(self.keys.suspect + f"{name}/{self.me}", b"{}",
-                                            self.lease)
+                        of = int(self.peers.get(name, {}).get("lease", 0))
+                        await self.etcd.put(self.keys.suspect + f"{name}/{self.me}",
+                                            json.dumps({"lease": of}).encode(), self.lease)
                         mine.add(name)
                         self.log.warning("host_suspected", host=name)
                     elif not silent and name in mine:
@@ -325,23 +333,28 @@ class HostAgent:
                 kvs, rev = await self.etcd.range(self.keys.suspect, prefix=True)
                 self.suspects.clear()
                 for kv in kvs:
-                    self._suspicion(kv.key, True)
+                    self._suspicion(kv.key, kv.value)
                 await self._revoke_suspected()
                 async for batch in self.etcd.watch(self.keys.suspect, prefix=True,
                                                    start_revision=rev + 1):
                     for ev in batch:
-                        self._suspicion(ev.kv.key, ev.kind == "put")
+                        self._suspicion(ev.kv.key, ev.kv.value if ev.kind == "put" else None)
                     await self._revoke_suspected()
             except EtcdError:
                 await asyncio.sleep(0.1)
 
-    def _suspicion(self, key: str, present: bool) -> None:
+    def _suspicion(self, key: str, value: bytes | None) -> None:
+        """A suspicion is of one lease of the host (the one its record had): one left
+        over from before the host came back must not count against its new lease."""
         host, _, by = key[len(self.keys.suspect):].partition("/")
-        who = self.suspects.setdefault(host, set())
-        if present:
-            who.add(by)
-        else:
-            who.discard(by)
+        who = self.suspects.setdefault(host, {})
+        if value is None:
+            who.pop(by, None)
+            return
+        try:
+            who[by] = int(json.loads(value).get("lease", 0))
+        except (ValueError, AttributeError, TypeError):
+            who[by] = 0
 
     async def _revoke_suspected(self) -> None:
         """A host more than half of the others hear nothing of is gone: revoke its lease
@@ -350,11 +363,14 @@ class HostAgent:
         # hosts alive now: with one host down, one other's word alone must not do.
         others = max(len([h for h in self.peers if h]), len(self.cfg.etcd)) - 1
         others = max(others, 1)
-        for host, who in self.suspects.items():
+        for host, suspicions in self.suspects.items():
             record = self.peers.get(host)
-            if host == self.me or record is None or len(who) * 2 <= others:
+            if host == self.me or record is None:
                 continue
             lease = int(record.get("lease", 0))
+            who = {by for by, of in suspicions.items() if of == lease}
+            if len(who) * 2 <= others:
+                continue
             if lease and lease not in self.revoked:
                 self.revoked.add(lease)
                 self.log.warning("host_declared_dead", host=host, suspected_by=sorted(who))

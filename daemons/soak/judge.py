@@ -21,6 +21,7 @@ from theychat.daemons.soak.plan import HOST_KINDS, role_of, split
 from theychat.daemons.soak.tree import read_events
 
 MATCH_WITHIN_S = 20.0  # a fault's declaration and restart must follow within this
+ADOPTION_WINDOW_S = 2.0  # a stop this close to its supervisor adopting the target
 
 
 @dataclass
@@ -262,7 +263,13 @@ def _match_faults(injected: list[dict[str, Any]], events: list[dict[str, Any]],
                       and e.get("child_pid") in (None, pid)]
             if not deaths:
                 res.declared[target] = res.restarted[target] = None
-                res.problems.append(f"no peer_declared_dead for {target}")
+                # A supervisor that adopts a child (its own restart) gives it the start
+                # grace: one stopped just then and continued within it is rightly alive.
+                adopted = any(e["event"] == "child_adopted" and e.get("child_pid") == pid
+                              and abs(e["_t"] - t) <= ADOPTION_WINDOW_S
+                              for e in restarted_by_child[host, name])
+                if not (f["kind"] == "stop" and adopted):
+                    res.problems.append(f"no peer_declared_dead for {target}")
                 continue
             explained.update(id(e) for e in deaths)
             dead = deaths[0]

@@ -43,7 +43,7 @@ DRAIN_S = 3.0  # after the last line is sent: time for every delivery to arrive
 TARGET_WAIT_S = 5.0  # a fault's target must be alive again within this to be hit
 STOP_HOLD_FACTOR = 3  # SIGSTOP lasts this many heartbeat timeouts (if not killed first)
 HOST_DOWN_S = 2.0  # a killed host is started again this long after
-PARTITION_EXTRA_S = 2.0  # a partition lasts cluster.lost_after_s and this much more: the
+PARTITION_EXTRA_S = 3.0  # a partition lasts cluster.lost_after_s and this much more: the
 #                          host gives up its clients, who move to the majority
 
 

@@ -225,3 +225,12 @@ def test_both_roots_of_a_host_killed_may_get_it_declared_dead() -> None:
             on("h0", 5.6, "host_declared_dead", host="h1", suspected_by=["h0", "h2"])]
     v = assess(LAB_RUN, [pair], logs, clean(), LAB_HEALTHY)
     assert checks(v)["false suspicions"] == (True, "0"), v.violations
+
+
+def test_a_stop_while_its_supervisor_adopts_the_target_is_no_missed_detection() -> None:
+    stop = {"at": 5.0, "t": T0 + 5, "kind": "stop", "targets": ["server@x"],
+            "pids": {"server@x": 42}}
+    adopted = [ev(5.04, "child_adopted", child="server@x", child_pid=42)]
+    assert assess(RUN, [stop], adopted, clean(), HEALTHY).faults[0].problems == []
+    assert assess(RUN, [stop], [], clean(), HEALTHY).faults[0].problems == [
+        "no peer_declared_dead for server@x"]
