@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.soak.test_soak import soak
 from theychat.daemons.soak import plan as planning
 from theychat.daemons.soak.lab import why_no_lab
 
@@ -25,10 +25,8 @@ def test_a_sixty_second_soak_on_three_hosts_with_host_faults_passes(tmp_path: Pa
     if reason:
         pytest.skip(reason)
     report = tmp_path / "report"
-    res = subprocess.run([sys.executable, "-m", "theychat.daemons", "soak", "--hosts", "3",
-                          "--duration", "60", "--clients", "9", "--fault-every", "3",
-                          "--seed", str(CI_SEED), "--report", str(report)],
-                         capture_output=True, text=True, timeout=300, check=False)
+    res = soak(report, "--hosts", "3", "--duration", "60", "--clients", "9",
+               "--fault-every", "3", "--seed", str(CI_SEED), timeout=300)
     text = (report / "report.md").read_text() if (report / "report.md").exists() else ""
     assert res.returncode == 0, res.stdout + res.stderr + text
     assert text.startswith("# TheyChat soak: PASS")
