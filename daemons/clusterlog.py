@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import itertools
 import json
 import os
@@ -111,12 +112,13 @@ class ClusterTopicLog:
         self._writing: list[Pending] = []  # the batch being committed now
         self._work = asyncio.Event()
         self._sent: dict[int, Pending] = {}  # lines sent to the sequencer, by request id
+        self._sent_tags: dict[str, int] = {}  # their tags (some stale: answered meanwhile)
         self._request_ids = itertools.count(1)
         self._link: Link | None = None
         self._link_changed = asyncio.Event()
         self._committed = asyncio.Condition()
         self._answered = 0  # the highest seq an append of ours was answered with
-        self._unreleased: list[tuple[int, Pending, list[Posted]]] = []  # (top seq, ...)
+        self._unreleased: list[tuple[int, int, Pending, list[Posted]]] = []  # heap: top seq
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- the TopicLog seam -------------------------------------------------------------------
@@ -227,8 +229,18 @@ class ClusterTopicLog:
         async for batch in self.etcd.watch(self.prefix + "log/", prefix=True,
                                            start_revision=start):
             for ev in batch:
-                if ev.kind == "put":
+                if ev.kind == "put" and not self._have_block(ev.kv.key):
                     await self._block(_unblock(ev.kv.value))
+
+    def _have_block(self, key: str) -> bool:
+        """A block our tail holds already (the sequencer's own, committed when etcd said
+        so): blocks never overlap and the tail grows by whole blocks, so one that starts
+        at or below its last seq is wholly in it, and need not be decoded again."""
+        try:
+            first = int(key.rsplit("/", 1)[1])
+        except (IndexError, ValueError):
+            return False
+        return first <= self.tail.last_seq
 
     async def _block(self, rows: list[tuple[Posted, str]]) -> None:
         if not rows:
@@ -270,7 +282,8 @@ class ClusterTopicLog:
             for on_commit in self._followers:
                 on_commit(entries)
         self._release_answers()
-        self._answer_from_log()
+        if self._sent_tags:
+            self._answer_from_log([tag for _, tag in rows])
         self._spawn(self._notify_committed())
 
     async def _notify_committed(self) -> None:
@@ -285,22 +298,23 @@ class ClusterTopicLog:
         if not p.local or top <= self.tail.last_seq:
             p.answer(entries)
         else:
-            self._unreleased.append((top, p, entries))
+            heapq.heappush(self._unreleased, (top, next(self._request_ids), p, entries))
 
     def _release_answers(self) -> None:
         last = self.tail.last_seq
-        ready = [(p, entries) for top, p, entries in self._unreleased if top <= last]
-        self._unreleased = [u for u in self._unreleased if u[0] > last]
-        for p, entries in ready:
+        while self._unreleased and self._unreleased[0][0] <= last:
+            _, _, p, entries = heapq.heappop(self._unreleased)
             p.answer(entries)
 
-    def _answer_from_log(self) -> None:
-        """Lines we sent whose tags the log shows: that is their answer (the sequencer's
-        may have been lost with a link)."""
-        for rid, p in list(self._sent.items()):
-            if all(t in self.tags for t in p.tags):
+    def _answer_from_log(self, tags: Sequence[str]) -> None:
+        """Lines we sent whose tags the log now shows: that is their answer (the
+        sequencer's may have been lost with a link)."""
+        for tag in tags:
+            rid = self._sent_tags.pop(tag, None)
+            p = self._sent.get(rid) if rid is not None else None
+            if p is not None and all(t in self.tags for t in p.tags):
                 self._answer(p, [self.tags[t] for t in p.tags])
-                del self._sent[rid]
+                del self._sent[rid]  # type: ignore[arg-type]
 
     # -- who sequences -------------------------------------------------------------------
 
@@ -382,23 +396,23 @@ class ClusterTopicLog:
                 # an earlier sequencer wrote that our watch has not brought yet.
                 await self._catch_up(self.tail.last_seq + 1, self._head_seq + 1)
             batch = [p for p in batch if not p.withdrawn]  # meanwhile
-            fresh: list[tuple[Draft, str]] = []
+            fresh: dict[str, Draft] = {}  # tag -> line, in order
             taken: dict[str, Posted] = {}
             for p in batch:
                 for d, tag in zip(p.drafts, p.tags, strict=True):
                     old = self.tags.get(tag) or self.tail.taken(d)
                     if old is not None:
                         taken[tag] = old
-                    elif tag not in (t for _, t in fresh):
-                        fresh.append((d, tag))
+                    elif tag not in fresh:
+                        fresh[tag] = d
             entries = [Posted(self._head_seq + 1 + i, round(d.ts, 3), d.nick, d.text,
-                              d.action, d.sid, d.line) for i, (d, _) in enumerate(fresh)]
+                              d.action, d.sid, d.line) for i, d in enumerate(fresh.values())]
             if entries:
-                ok = await self._write(entries, [t for _, t in fresh])
+                ok = await self._write(entries, list(fresh))
                 if not ok:
                     self._give_back(batch)  # the head moved, or we are not the owner
                     return
-            made = {**taken, **{t: e for (_, t), e in zip(fresh, entries, strict=True)}}
+            made = {**taken, **dict(zip(fresh, entries, strict=True))}
             for p in batch:
                 self._answer(p, [made[t] for t in p.tags])
         except EtcdError as e:
@@ -426,8 +440,13 @@ class ClusterTopicLog:
              *self._trim(entries[-1].seq)])
         if result.succeeded:
             self._head_seq, self._head_rev = entries[-1].seq, result.revision
-            for e, t in zip(entries, tags, strict=True):
-                self.tags[t] = e
+            if entries[0].seq == self.tail.last_seq + 1:
+                # Committed: our tail takes it now rather than when etcd's watch brings
+                # it back (which it then skips), so our own members hear it sooner.
+                self._commit(list(zip(entries, tags, strict=True)))
+            else:
+                for e, t in zip(entries, tags, strict=True):
+                    self.tags[t] = e
             return True
         await self._read_head()  # an earlier incarnation wrote, or another owner
         return False
@@ -447,14 +466,17 @@ class ClusterTopicLog:
     def _send(self, pending: Pending) -> None:
         rid = next(self._request_ids)
         self._sent[rid] = pending
+        if len(self._sent_tags) > 4 * len(self._sent) + 1024:  # drop the stale ones
+            self._sent_tags = {t: r for r, p in self._sent.items() for t in p.tags}
+        self._sent_tags.update(dict.fromkeys(pending.tags, rid))
         if self._link is not None:
             self._request(rid, pending)
 
     def _request(self, rid: int, pending: Pending) -> None:
         assert self._link is not None
-        self._link.send({"id": rid, "lines": [[d.sid, d.nick, d.text, d.ts, d.action, d.line, t]
-                                              for d, t in zip(pending.drafts, pending.tags,
-                                                              strict=True)]})
+        self._link.send_soon("requests", {
+            "id": rid, "lines": [[d.sid, d.nick, d.text, d.ts, d.action, d.line, t]
+                                 for d, t in zip(pending.drafts, pending.tags, strict=True)]})
 
     def _requeue_sent(self) -> None:
         """We became the sequencer: what we had sent to the old one is ours to commit."""
@@ -500,19 +522,24 @@ class ClusterTopicLog:
             self._link = None
 
     async def _read_replies(self, link: Link) -> None:
-        with contextlib.suppress(LinkError):
+        with contextlib.suppress(LinkError, ValueError, TypeError):
             while True:
                 msg = await link.recv()
-                p = self._sent.pop(int(msg.get("id", 0)), None)
-                if p is None:
-                    continue
-                if "e" in msg:
-                    self._answer(p, [Posted(*r) for r in msg["e"]])
-                elif msg.get("error") == "stale":  # too late: withdrawn by its host
-                    if not p.future.done():
-                        p.future.set_exception(Withdrawn("refused by the sequencer: stale"))
-                else:  # not the sequencer (any more): keep it for the next one
-                    self._sent[int(msg["id"])] = p
+                moved = False
+                for reply in msg.get("replies", []):
+                    rid = int(reply.get("id", 0))
+                    p = self._sent.pop(rid, None)
+                    if p is None:
+                        continue
+                    if "e" in reply:
+                        self._answer(p, [Posted(*r) for r in reply["e"]])
+                    elif reply.get("error") == "stale":  # too late: withdrawn by its host
+                        if not p.future.done():
+                            p.future.set_exception(Withdrawn("refused by the sequencer: stale"))
+                    else:  # not the sequencer (any more): keep it for the next one
+                        self._sent[rid] = p
+                        moved = True
+                if moved:
                     self._link_changed.set()
                     return
 
@@ -531,40 +558,48 @@ class ClusterTopicLog:
         try:
             while True:
                 msg = await link.recv()
-                rid = msg.get("id")
-                rows = msg.get("lines")
-                if not isinstance(rid, int) or not isinstance(rows, list):
+                requests = msg.get("requests")
+                if not isinstance(requests, list):
                     raise LinkError("bad request")
-                if not self.sequencing:
-                    link.send({"id": rid, "error": "not_sequencer"})
-                    continue
-                if self.stale_after_s is not None and any(
-                        time.time() - float(r[3]) > self.stale_after_s for r in rows):
-                    link.send({"id": rid, "error": "stale"})
-                    self.log.warning("link_line_refused", topic=self.topic, peer=link.peer,
-                                     reason="stale")
-                    continue
-                drafts, tags = [], []
-                for r in rows:
-                    sid, nick, text, ts, action, line, tag = r
-                    drafts.append(Draft(str(sid), str(nick), str(text), float(ts),
-                                        bool(action), line if isinstance(line, int) else None))
-                    tags.append(str(tag))
-                p = Pending(drafts, tags)
-                self._queue.append(p)
-                self._work.set()
-                p.future.add_done_callback(functools.partial(self._reply, link, rid))
-        except (LinkError, ValueError, TypeError) as e:
+                for request in requests:
+                    self._take_request(link, request)
+        except (LinkError, ValueError, TypeError, AttributeError) as e:
             self.log.info("link_closed", topic=self.topic, peer=link.peer, reason=str(e))
         finally:
             link.close()
+
+    def _take_request(self, link: Link, request: dict[str, Any]) -> None:
+        """One follower's lines: queued to commit, answered when committed (or refused)."""
+        rid = request.get("id")
+        rows = request.get("lines")
+        if not isinstance(rid, int) or not isinstance(rows, list):
+            raise LinkError("bad request")
+        if not self.sequencing:
+            link.send_soon("replies", {"id": rid, "error": "not_sequencer"})
+            return
+        if self.stale_after_s is not None and any(
+                time.time() - float(r[3]) > self.stale_after_s for r in rows):
+            link.send_soon("replies", {"id": rid, "error": "stale"})
+            self.log.warning("link_line_refused", topic=self.topic, peer=link.peer,
+                             reason="stale")
+            return
+        drafts, tags = [], []
+        for r in rows:
+            sid, nick, text, ts, action, line, tag = r
+            drafts.append(Draft(str(sid), str(nick), str(text), float(ts),
+                                bool(action), line if isinstance(line, int) else None))
+            tags.append(str(tag))
+        p = Pending(drafts, tags)
+        self._queue.append(p)
+        self._work.set()
+        p.future.add_done_callback(functools.partial(self._reply, link, rid))
 
     @staticmethod
     def _reply(link: Link, rid: int, f: asyncio.Future[list[Posted]]) -> None:
         if f.cancelled() or f.exception() is not None:
             return
         with contextlib.suppress(Exception):
-            link.send({"id": rid, "e": [list(p) for p in f.result()]})
+            link.send_soon("replies", {"id": rid, "e": [list(p) for p in f.result()]})
 
 
 def node_id() -> str:
