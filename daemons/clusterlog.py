@@ -13,7 +13,13 @@ both commit (the fence), and a commit that etcd did not make is never acknowledg
     P = /theychat/CLUSTER/topics/TOPIC/
     P seq/owner       {"host", "link"}   leased by the owner host's lease
     P seq/head        {"seq"}            the last committed sequence number
-    P log/FIRST       {"e": [[seq, ts, nick, text, action, sid, line, tag], ...]}
+    P log/FIRST       zlib({"e": [[seq, ts, nick, text, action, sid, line, tag], ...]})
+
+A block is compressed (zlib, fast level) and its tag is null where it is the default,
+SID:LINE: every block crosses etcd's raft, its WAL and a watch stream to every host, in
+base64 over JSON, so its size is what one commit costs (a block of 250 lines of chat:
+21 KiB as JSON, under 4 KiB compressed, for 70 us of CPU). Blocks written as plain JSON
+still read.
 
 Lines from other hosts come over a link (`links.py`). Each one carries a tag unique to
 it (its session and the client's line number, or one its server made), so a line that
@@ -33,6 +39,7 @@ import json
 import os
 import secrets
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -45,22 +52,42 @@ from theychat.daemons.topiclog import Draft, OnCommit, Posted, Tail, Withdrawn
 BATCH_MAX = 512  # lines in one block
 RETRY_S = 0.05  # after etcd did not answer, or a link broke
 BLOCK_KEY = "log/{:020d}"
+BATCH_BYTES = 256 * 1024  # text in one block: etcd refuses requests over 1.5 MiB
+BLOCK_MAX_BYTES = 16 * 1024 * 1024  # a block inflated: far above any we write
 Dial = Callable[[str, bytes, str, str], Awaitable[Link]]
 
 
+def _default_tag(sid: str | None, line: int | None) -> str | None:
+    return f"{sid}:{line}" if sid is not None and line is not None else None
+
+
 def _block(entries: Sequence[Posted], tags: Sequence[str]) -> bytes:
-    return json.dumps({"e": [[p.seq, p.ts, p.nick, p.text, p.action, p.sid, p.line, t]
-                             for p, t in zip(entries, tags, strict=True)]},
-                      separators=(",", ":")).encode()
+    rows = [[p.seq, p.ts, p.nick, p.text, p.action, p.sid, p.line,
+             None if t == _default_tag(p.sid, p.line) else t]
+            for p, t in zip(entries, tags, strict=True)]
+    return zlib.compress(json.dumps({"e": rows}, separators=(",", ":")).encode(), 1)
 
 
 def _unblock(raw: bytes) -> list[tuple[Posted, str]]:
+    """The rows of a block; none if it is not one (a block is only ever written whole, by
+    a fenced transaction, so an unreadable one is not ours to guess at)."""
     try:
-        rows = json.loads(raw)["e"]
-        return [(Posted(int(r[0]), float(r[1]), str(r[2]), str(r[3]), bool(r[4]),
-                        r[5] if isinstance(r[5], str) else None,
-                        r[6] if isinstance(r[6], int) else None), str(r[7])) for r in rows]
-    except (ValueError, KeyError, TypeError, IndexError):
+        if not raw.startswith(b"{"):
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(raw, BLOCK_MAX_BYTES)
+            if inflate.unconsumed_tail:
+                return []  # larger than any block we write
+        out = []
+        for r in json.loads(raw)["e"]:
+            p = Posted(int(r[0]), float(r[1]), str(r[2]), str(r[3]), bool(r[4]),
+                       r[5] if isinstance(r[5], str) else None,
+                       r[6] if isinstance(r[6], int) else None)
+            tag = r[7] if isinstance(r[7], str) else _default_tag(p.sid, p.line)
+            if tag is None:
+                return []
+            out.append((p, tag))
+        return out
+    except (ValueError, KeyError, TypeError, IndexError, zlib.error):
         return []
 
 
@@ -383,10 +410,11 @@ class ClusterTopicLog:
         self._head_rev = kvs[0].mod_revision if kvs else 0
 
     async def _commit_batch(self) -> None:
-        batch, lines = [], 0
-        while self._queue and lines < BATCH_MAX:
+        batch, lines, size = [], 0, 0
+        while self._queue and lines < BATCH_MAX and size < BATCH_BYTES:
             batch.append(self._queue.pop(0))
             lines += len(batch[-1].drafts)
+            size += sum(len(d.text) + len(d.nick) for d in batch[-1].drafts)
         self._writing = batch
         try:
             if self._head_rev == 0 and self._head_seq == 0:
