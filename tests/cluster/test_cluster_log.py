@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -162,6 +163,24 @@ def test_every_host_sees_every_line_once_in_one_order(etcd1: EtcdCluster) -> Non
             h.etcd.watch = late  # type: ignore[method-assign]
 
     run(etcd1, ["a", "b", "c"], body, slow_watches)
+
+
+def test_a_burst_of_long_lines_is_committed_in_blocks_etcd_takes(etcd1: EtcdCluster) -> None:
+    """900 lines of 4000 characters at once: as one block they would exceed etcd's
+    request limit (1.5 MiB) and be refused again and again; each is committed."""
+    async def body(hosts: list[Host]) -> None:
+        rng = random.Random(5)  # text that does not compress away
+        futures = [log_of(h).append([Draft(f"s-{h.name}", h.name, "".join(
+                       rng.choices("abcdefghijklmnopqrstuvwxyz ", k=4000)), 1.0, line=i)])
+                   for i in range(450) for h in hosts]
+        done, _ = await asyncio.wait(futures, timeout=30)
+        assert len(done) == len(futures)
+        assert sorted(f.result()[0].seq for f in futures) == list(range(1, 901))
+        await until(lambda: all(len(h.seen) >= 900 for h in hosts))  # the other's too
+        assert [p.seq for p in hosts[0].seen] == [p.seq for p in hosts[1].seen] \
+            == list(range(1, 901))
+
+    run(etcd1, ["a", "b"], body)
 
 
 def test_a_resent_numbered_line_is_committed_once(etcd1: EtcdCluster) -> None:
