@@ -31,6 +31,18 @@ from theychat.daemons.errors import TheyChatError
 DEFAULT_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 0.25  # a member on the same network answers a SYN in well under this
 AVOID_S = 2.0  # an endpoint that failed is tried last for this long
+# A request not answered this long after it was first sent is sent again, to the next
+# member (a member that forwarded it to a leader that died never answers; the next may
+# know the new leader). Few and spaced out: under overload, more copies are more load.
+# An attempt also gives up by itself (its own HTTP timeout, never a cancellation) after
+# a share of the request's time, so that copies stuck on a lost proposal do not hold
+# the budget of copies until the request's end.
+HEDGE_AFTER_S = (0.25, 0.75, 1.5)
+ATTEMPT_SHARE = 0.4  # of the request's timeout, at least ATTEMPT_MIN_S
+ATTEMPT_MIN_S = 0.75
+HEDGES_MAX = 32  # extra attempts in flight at once, over all of a client's requests
+MAX_CONNECTIONS = 64  # watches hold one each; attempts left behind, one until they end
+KEEP_IDLE = 8  # idle connections kept: httpcore looks at every one for every request
 
 
 class EtcdError(TheyChatError):
@@ -99,6 +111,7 @@ class TxnResult:
     succeeded: bool
     revision: int
     responses: list[dict[str, Any]]
+    attempts: int = 1  # more than one: a failed compare may be our own other attempt
 
     def ranges(self) -> list[list[Kv]]:
         """The kvs of each range request in the branch that ran."""
@@ -151,8 +164,11 @@ class Etcd:
         # Endpoints are tried in the order given (the docs list the host's own member
         # first: reachable whenever this host is), except one that failed lately.
         self._failed_at = [-AVOID_S] * len(self.endpoints)
+        self._stragglers: set[asyncio.Future[dict[str, Any]]] = set()  # attempts not waited for
+        self._hedging = 0  # extra attempts in flight
         self._http = httpx.AsyncClient(timeout=self._timeout(timeout_s),
-                                       limits=httpx.Limits(max_connections=32))
+                                       limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
+                                                           max_keepalive_connections=KEEP_IDLE))
 
     @staticmethod
     def _timeout(timeout_s: float, quiet_ok: bool = False) -> httpx.Timeout:
@@ -172,34 +188,119 @@ class Etcd:
         self._failed_at[at] = time.monotonic()
 
     async def close(self) -> None:
+        for task in list(self._stragglers):
+            task.cancel()  # the pool goes with them
         await self._http.aclose()
 
     async def _post(self, path: str, body: dict[str, Any],
                     timeout_s: float | None = None) -> dict[str, Any]:
+        """One request, answered by the first member that answers.
+
+        A request that a member forwarded to a leader that then died is never answered:
+        etcd drops the proposal and holds the request until its own timeout (seconds).
+        So a request not answered HEDGE_AFTER_S after it was sent is sent again to the
+        next member (keeping the first one waiting), a few times until `timeout_s`;
+        the first answer wins. A mutation may therefore reach etcd twice: TheyChat's
+        are idempotent puts, or transactions fenced by a compare, so the second one
+        fails its compare; a caller that must tell "someone else won" from "my other
+        attempt won" asks `TxnResult.attempts`."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        total = timeout_s or self.timeout_s
+        deadline = start + total
+        attempt_s = max(ATTEMPT_MIN_S, total * ATTEMPT_SHARE)
+        order = self._order()
+        attempts: dict[asyncio.Task[dict[str, Any]], int] = {}
+        hedges = list(HEDGE_AFTER_S)  # when the next copies may go
+        tried = 0
+        send_now = True
         last: Exception | None = None
-        for at in self._order():
-            url = self.endpoints[at] + path
-            try:
-                r = await self._http.post(url, json=body,
-                                          timeout=self._timeout(timeout_s or self.timeout_s))
-            except (httpx.TransportError, OSError) as e:
-                last = e
-                self._failed(at)
-                continue
-            try:
-                data = r.json()
-            except ValueError:
-                raise EtcdError(f"{url}: not JSON (HTTP {r.status_code})") from None
-            if r.status_code != 200 or "error" in data:
-                message = str(data.get("message") or data.get("error") or r.status_code)
-                if "leader" in message or "timed out" in message or "unavailable" in message:
-                    last = EtcdUnavailable(message)  # a member without a quorum: next one
-                    self._failed(at)
+
+        def send() -> None:
+            nonlocal tried
+            at = order[tried % len(order)]
+            if tried:
+                self._hedging += 1
+            tried += 1
+            ends = min(deadline, loop.time() + attempt_s)
+            task = asyncio.ensure_future(self._attempt(at, path, body, ends, tried > 1))
+            attempts[task] = at
+
+        try:
+            while True:
+                now = loop.time()
+                if now >= deadline:
+                    break
+                if hedges and now >= start + hedges[0]:
+                    hedges.pop(0)
+                    send_now = send_now or self._hedging < HEDGES_MAX  # else: no copy
+                if send_now:
+                    send_now = False
+                    send()
+                wake = min(deadline, start + hedges[0]) if hedges else deadline
+                if not attempts:  # every member refused at once: wait, then again
+                    if not hedges:
+                        break
+                    await asyncio.sleep(max(0.0, wake - now))
+                    send_now = True
                     continue
-                raise EtcdError(message)
-            return dict(data)
+                done, _ = await asyncio.wait(attempts, timeout=max(0.001, wake - now),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    at = attempts.pop(task)
+                    try:
+                        data = task.result()
+                    except EtcdUnavailable as e:  # unreachable, or without a quorum
+                        last = e
+                        self._failed(at)
+                        # The next member at once: on the first round, or if this one
+                        # gave up waiting (its proposal lost) and no other is trying.
+                        send_now = tried < len(order) or (not attempts and tried <= len(
+                            HEDGE_AFTER_S))
+                        continue
+                    data["_attempts"] = tried
+                    return data
+        finally:
+            # The other attempts are left to end by their own timeouts, not cancelled:
+            # httpcore's pool can lose a connection slot to a request cancelled while
+            # it waits for one (encode/httpcore#1093), and then every request fails.
+            for task in attempts:
+                self._stragglers.add(task)
+                task.add_done_callback(self._straggler_done)
         raise EtcdUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): "
-                              f"{last}")
+                              f"{last or 'timed out'}")
+
+    def _straggler_done(self, task: asyncio.Future[dict[str, Any]]) -> None:
+        self._stragglers.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its answer came too late to matter
+
+    async def _attempt(self, at: int, path: str, body: dict[str, Any],
+                       deadline: float, hedge: bool = False) -> dict[str, Any]:
+        try:
+            return await self._attempt_once(at, path, body, deadline)
+        finally:
+            if hedge:
+                self._hedging -= 1
+
+    async def _attempt_once(self, at: int, path: str, body: dict[str, Any],
+                            deadline: float) -> dict[str, Any]:
+        url = self.endpoints[at] + path
+        left = max(0.01, deadline - asyncio.get_running_loop().time())
+        try:
+            r = await self._http.post(url, json=body, timeout=self._timeout(left))
+        except (httpx.TransportError, OSError) as e:
+            raise EtcdUnavailable(f"{url}: {e!r}") from None
+        try:
+            data = r.json()
+        except ValueError:
+            raise EtcdError(f"{url}: not JSON (HTTP {r.status_code})") from None
+        if r.status_code != 200 or "error" in data:
+            message = str(data.get("message") or data.get("error") or r.status_code)
+            if "leader" in message or "timed out" in message or "unavailable" in message:
+                raise EtcdUnavailable(message)  # a member without a quorum: next one
+            raise EtcdError(message)
+        return dict(data)
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -225,7 +326,7 @@ class Etcd:
                                                "failure": list(failure)})
         return TxnResult(bool(data.get("succeeded", False)),
                          int(data.get("header", {}).get("revision", 0)),
-                         list(data.get("responses", [])))
+                         list(data.get("responses", [])), int(data.get("_attempts", 1)))
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         return (await self.txn([], [put(key, value, lease)])).revision

@@ -197,13 +197,21 @@ class EtcdStore:
     async def _conditional(self, key: str, value: Value, cond: dict[str, Any],
                            ttl_s: float | None) -> Entry | None:
         lease = await self._lease(ttl_s)
-        result = await self.etcd.txn([cond], [etcd.put(self.prefix + key,
-                                                        json.dumps(value).encode(), lease)])
+        raw = json.dumps(value).encode()
+        result = await self.etcd.txn([cond], [etcd.put(self.prefix + key, raw, lease)])
+        revision = result.revision
+        if not result.succeeded and result.attempts > 1:
+            # Sent twice (a member was slow to answer): the attempt that failed its
+            # compare may have lost to our own other one. The key tells.
+            kvs, _ = await self.etcd.range(self.prefix + key)
+            if kvs and kvs[0].value == raw and kvs[0].lease == lease:
+                revision = kvs[0].mod_revision
+                result = etcd.TxnResult(True, revision, [], result.attempts)
         if not result.succeeded:
             if lease:
                 await self.etcd.revoke(lease)
             return None
-        entry = Entry(key, value, result.revision,
+        entry = Entry(key, value, revision,
                       None if ttl_s is None else self.clock() + ttl_s)
         self._apply(key, entry)
         return entry
@@ -216,6 +224,9 @@ class EtcdStore:
             deleted = result.succeeded and any(
                 int(r.get("response_delete_range", {}).get("deleted", 0))
                 for r in result.responses)
+            if not deleted and result.attempts > 1:  # perhaps by our own other attempt
+                kvs, _ = await self.etcd.range(self.prefix + key)
+                deleted = not kvs
             if not deleted:
                 self._own_deletes.discard(key)
                 return False

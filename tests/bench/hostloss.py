@@ -145,24 +145,30 @@ def analyse(out: Path, rounds: list[dict[str, Any]], topic_of: dict[str, str]
     topic_s: list[float] = []
     client_s: list[float] = []
     missing: list[str] = []
+    per_round: list[dict[str, Any]] = []
     for r in rounds:
+        this: dict[str, Any] = {"t": r["t"], "host": r["host"], "topics": {}, "clients": {}}
+        per_round.append(this)
         for topic, nicks in r["survivors"].items():
             times = [first_after(transcripts[n], r["t"], sent_at) for n in nicks]
             if None in times:
                 missing.append(f"{topic} after the kill of {r['host']}")
             else:
                 topic_s.append(max(t for t in times if t is not None) - r["t"])
+                this["topics"][topic] = round(topic_s[-1], 3)
         for nick in r["moved"]:
             t = first_after(transcripts[nick], r["t"], sent_at)
             if t is None:
                 missing.append(f"{nick} after the kill of {r['host']}")
             else:
                 client_s.append(t - r["t"])
+                this["clients"][nick] = round(client_s[-1], 3)
     return {"kills": len(rounds), "orphaned_topic_s": summary(topic_s),
             "resumed_client_s": summary(client_s), "missing": missing,
             "acked": counts["acked"], "gaps": counts["gaps"],
             "duplicates": counts["duplicates"], "disagreements": counts["disagreements"],
-            "acked_twice": counts["acked_twice"], "violations": violations[:20]}
+            "acked_twice": counts["acked_twice"], "violations": violations[:20],
+            "rounds": per_round}
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
@@ -212,6 +218,8 @@ def run(kills: int, topics: int, rate: float, keep: bool = False) -> dict[str, A
 
         asyncio.run(go())
     finally:
+        if keep:
+            lab.copy_logs(out / "logs")
         lab.stop()
     doc = analyse(out, bench.rounds, {c.nick: c.topic for c in bench.everyone})
     doc.update(topics=topics, rate=rate, transcripts=str(out) if keep else None)
@@ -227,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--topics", type=int, default=3)
     p.add_argument("--rate", type=float, default=10.0, help="lines/s per person (default 10)")
     p.add_argument("--json", metavar="FILE")
-    p.add_argument("--keep", action="store_true", help="keep the transcripts")
+    p.add_argument("--keep", action="store_true", help="keep the transcripts and the lab's logs")
     args = p.parse_args(argv)
     try:
         doc = run(args.kills, args.topics, args.rate, args.keep)
