@@ -531,7 +531,13 @@ class ClusterTopicLog:
             except LinkError as e:
                 self.log.warning("link_failed", topic=self.topic, to=owner.get("host"),
                                  error=str(e))
-                await asyncio.sleep(RETRY_S * 4)
+                # Again shortly, or at once when the sequencer changes: the one we could
+                # not reach is most often a dead host's, and its successor is news.
+                if self.owner is owner:
+                    self._link_changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(RETRY_S * 4):
+                            await self._link_changed.wait()
                 continue
             self._link = link
             self.log.info("link_up", topic=self.topic, to=owner.get("host"))

@@ -37,7 +37,7 @@ AVOID_S = 2.0  # an endpoint that failed is tried last for this long
 # An attempt also gives up by itself (its own HTTP timeout, never a cancellation) after
 # a share of the request's time, so that copies stuck on a lost proposal do not hold
 # the budget of copies until the request's end.
-HEDGE_AFTER_S = (0.25, 0.75, 1.5)
+HEDGE_AFTER_S = (0.25, 0.5, 0.75, 1.0, 1.5)
 ATTEMPT_SHARE = 0.4  # of the request's timeout, at least ATTEMPT_MIN_S
 ATTEMPT_MIN_S = 0.75
 HEDGES_MAX = 32  # extra attempts in flight at once, over all of a client's requests
