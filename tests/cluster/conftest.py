@@ -9,15 +9,25 @@ import pytest
 from theychat.daemons.soak.etcdlab import EtcdCluster, why_no_etcd
 
 
-@pytest.fixture(scope="module")
-def etcd1() -> Iterator[EtcdCluster]:
-    """One etcd member on loopback, for the tests of one module."""
+def _members(n: int) -> Iterator[EtcdCluster]:
     reason = why_no_etcd()
     if reason:
         pytest.skip(reason)
-    cluster = EtcdCluster(1)
+    cluster = EtcdCluster(n)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd1() -> Iterator[EtcdCluster]:
+    """One etcd member on loopback, for the tests of one module."""
+    yield from _members(1)
+
+
+@pytest.fixture
+def etcd3() -> Iterator[EtcdCluster]:
+    """Three members on loopback, for one test (which may kill one)."""
+    yield from _members(3)

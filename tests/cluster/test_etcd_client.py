@@ -8,30 +8,15 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 
 from theychat.daemons import etcd
 from theychat.daemons.etcd import Etcd
 from theychat.daemons.etcdstore import EtcdStore
-from theychat.daemons.soak.etcdlab import EtcdCluster, why_no_etcd
+from theychat.daemons.soak.etcdlab import EtcdCluster
 
 PATIENT_S = 10.0  # the request timeout here: a request that waited for it failed the test
-
-
-@pytest.fixture
-def etcd3() -> Iterator[EtcdCluster]:
-    """Three members on loopback, one of which a test kills."""
-    reason = why_no_etcd()
-    if reason:
-        pytest.skip(reason)
-    cluster = EtcdCluster(3)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 async def _silent_member() -> tuple[asyncio.Server, str]:
