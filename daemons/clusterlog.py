@@ -146,6 +146,7 @@ class ClusterTopicLog:
         self._committed = asyncio.Condition()
         self._answered = 0  # the highest seq an append of ours was answered with
         self._unreleased: list[tuple[int, int, Pending, list[Posted]]] = []  # heap: top seq
+        self._unreleased_order = itertools.count()  # ties in the heap, in arrival order
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- the TopicLog seam -------------------------------------------------------------------
@@ -325,7 +326,7 @@ class ClusterTopicLog:
         if not p.local or top <= self.tail.last_seq:
             p.answer(entries)
         else:
-            heapq.heappush(self._unreleased, (top, next(self._request_ids), p, entries))
+            heapq.heappush(self._unreleased, (top, next(self._unreleased_order), p, entries))
 
     def _release_answers(self) -> None:
         last = self.tail.last_seq
@@ -597,13 +598,15 @@ class ClusterTopicLog:
                     raise LinkError("bad request")
                 for request in requests:
                     self._take_request(link, request)
-        except (LinkError, ValueError, TypeError, AttributeError) as e:
+        except (LinkError, ValueError, TypeError) as e:
             self.log.info("link_closed", topic=self.topic, peer=link.peer, reason=str(e))
         finally:
             link.close()
 
-    def _take_request(self, link: Link, request: dict[str, Any]) -> None:
+    def _take_request(self, link: Link, request: Any) -> None:
         """One follower's lines: queued to commit, answered when committed (or refused)."""
+        if not isinstance(request, dict):
+            raise LinkError("bad request")
         rid = request.get("id")
         rows = request.get("lines")
         if not isinstance(rid, int) or not isinstance(rows, list):

@@ -194,7 +194,12 @@ class Etcd:
 
     async def _post(self, path: str, body: dict[str, Any],
                     timeout_s: float | None = None) -> dict[str, Any]:
-        """One request, answered by the first member that answers.
+        return (await self._request(path, body, timeout_s))[0]
+
+    async def _request(self, path: str, body: dict[str, Any],
+                       timeout_s: float | None = None) -> tuple[dict[str, Any], int]:
+        """One request, answered by the first member that answers; and how many
+        attempts were sent.
 
         A request that a member forwarded to a leader that then died is never answered:
         etcd drops the proposal and holds the request until its own timeout (seconds).
@@ -258,8 +263,7 @@ class Etcd:
                         send_now = tried < len(order) or (not attempts and tried <= len(
                             HEDGE_AFTER_S))
                         continue
-                    data["_attempts"] = tried
-                    return data
+                    return data, tried
         finally:
             # The other attempts are left to end by their own timeouts, not cancelled:
             # httpcore's pool can lose a connection slot to a request cancelled while
@@ -277,20 +281,15 @@ class Etcd:
 
     async def _attempt(self, at: int, path: str, body: dict[str, Any],
                        deadline: float, hedge: bool = False) -> dict[str, Any]:
-        try:
-            return await self._attempt_once(at, path, body, deadline)
-        finally:
-            if hedge:
-                self._hedging -= 1
-
-    async def _attempt_once(self, at: int, path: str, body: dict[str, Any],
-                            deadline: float) -> dict[str, Any]:
         url = self.endpoints[at] + path
         left = max(0.01, deadline - asyncio.get_running_loop().time())
         try:
             r = await self._http.post(url, json=body, timeout=self._timeout(left))
         except (httpx.TransportError, OSError) as e:
             raise EtcdUnavailable(f"{url}: {e!r}") from None
+        finally:
+            if hedge:
+                self._hedging -= 1
         try:
             data = r.json()
         except ValueError:
@@ -322,11 +321,11 @@ class Etcd:
 
     async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
                   failure: Sequence[dict[str, Any]] = ()) -> TxnResult:
-        data = await self._post("/v3/kv/txn", {"compare": compare, "success": success,
-                                               "failure": list(failure)})
+        data, attempts = await self._request("/v3/kv/txn", {
+            "compare": compare, "success": success, "failure": list(failure)})
         return TxnResult(bool(data.get("succeeded", False)),
                          int(data.get("header", {}).get("revision", 0)),
-                         list(data.get("responses", [])), int(data.get("_attempts", 1)))
+                         list(data.get("responses", [])), attempts)
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         return (await self.txn([], [put(key, value, lease)])).revision

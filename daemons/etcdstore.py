@@ -199,15 +199,14 @@ class EtcdStore:
         lease = await self._lease(ttl_s)
         raw = json.dumps(value).encode()
         result = await self.etcd.txn([cond], [etcd.put(self.prefix + key, raw, lease)])
-        revision = result.revision
-        if not result.succeeded and result.attempts > 1:
+        won, revision = result.succeeded, result.revision
+        if not won and result.attempts > 1:
             # Sent twice (a member was slow to answer): the attempt that failed its
             # compare may have lost to our own other one. The key tells.
             kvs, _ = await self.etcd.range(self.prefix + key)
             if kvs and kvs[0].value == raw and kvs[0].lease == lease:
-                revision = kvs[0].mod_revision
-                result = etcd.TxnResult(True, revision, [], result.attempts)
-        if not result.succeeded:
+                won, revision = True, kvs[0].mod_revision
+        if not won:
             if lease:
                 await self.etcd.revoke(lease)
             return None

@@ -4,6 +4,8 @@ and the batching of `send_soon`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -31,46 +33,50 @@ async def _pair(server_key: bytes = KEY, refused: list[str] | None = None
     return follower, await accepted, server
 
 
-def test_send_soon_gathers_one_turn_into_one_line() -> None:
-    async def main() -> None:
-        follower, sequencer, server = await _pair()
-        for i in range(5):
-            follower.send_soon("requests", {"id": i})
-        follower.send({"other": 1})  # a plain send in the same turn leaves first
-        assert await sequencer.recv() == {"other": 1}
-        assert await sequencer.recv() == {"requests": [{"id": i} for i in range(5)]}
-        follower.send_soon("requests", {"id": 9})  # a later turn: a line of its own
-        assert await sequencer.recv() == {"requests": [{"id": 9}]}
+@contextlib.asynccontextmanager
+async def _linked() -> AsyncIterator[tuple[links.Link, links.Link]]:
+    """A follower's link and the sequencer's end of it, closed afterwards."""
+    follower, sequencer, server = await _pair()
+    try:
+        yield follower, sequencer
+    finally:
         follower.close()
         sequencer.close()
         server.close()
+
+
+def test_send_soon_gathers_one_turn_into_one_line() -> None:
+    async def main() -> None:
+        async with _linked() as (follower, sequencer):
+            for i in range(5):
+                follower.send_soon("requests", {"id": i})
+            follower.send({"other": 1})  # a plain send in the same turn leaves first
+            assert await sequencer.recv() == {"other": 1}
+            assert await sequencer.recv() == {"requests": [{"id": i} for i in range(5)]}
+            follower.send_soon("requests", {"id": 9})  # a later turn: a line of its own
+            assert await sequencer.recv() == {"requests": [{"id": 9}]}
     asyncio.run(main())
 
 
 def test_send_soon_leaves_at_its_bound_without_waiting_for_the_turn() -> None:
     async def main() -> None:
-        follower, sequencer, server = await _pair()
-        for i in range(links.SOON_MAX + 1):
-            follower.send_soon("replies", {"id": i})
-        first = await sequencer.recv()
-        second = await sequencer.recv()
-        assert len(first["replies"]) == links.SOON_MAX
-        assert second == {"replies": [{"id": links.SOON_MAX}]}
-        follower.close()
-        sequencer.close()
-        server.close()
+        async with _linked() as (follower, sequencer):
+            for i in range(links.SOON_MAX + 1):
+                follower.send_soon("replies", {"id": i})
+            first = await sequencer.recv()
+            second = await sequencer.recv()
+            assert len(first["replies"]) == links.SOON_MAX
+            assert second == {"replies": [{"id": links.SOON_MAX}]}
     asyncio.run(main())
 
 
 def test_what_is_queued_when_a_link_is_discarded_never_leaves() -> None:
     async def main() -> None:
-        follower, sequencer, server = await _pair()
-        follower.send_soon("requests", {"id": 1})
-        follower.discard()  # withdrawn lines must not reach the sequencer
-        with pytest.raises(links.LinkError):
-            await sequencer.recv()
-        sequencer.close()
-        server.close()
+        async with _linked() as (follower, sequencer):
+            follower.send_soon("requests", {"id": 1})
+            follower.discard()  # withdrawn lines must not reach the sequencer
+            with pytest.raises(links.LinkError):
+                await sequencer.recv()
     asyncio.run(main())
 
 
@@ -85,11 +91,8 @@ def test_a_host_without_the_key_is_refused() -> None:
 
 def test_a_forged_line_ends_the_link() -> None:
     async def main() -> None:
-        follower, sequencer, server = await _pair()
-        follower.writer.write(b'{"requests":[]} 00\n')
-        with pytest.raises(links.LinkError, match="bad signature"):
-            await sequencer.recv()
-        follower.close()
-        sequencer.close()
-        server.close()
+        async with _linked() as (follower, sequencer):
+            follower.writer.write(b'{"requests":[]} 00\n')
+            with pytest.raises(links.LinkError, match="bad signature"):
+                await sequencer.recv()
     asyncio.run(main())
