@@ -114,26 +114,30 @@ class Tail:
 
     def __init__(self, keep: int) -> None:
         self.keep = max(keep, 0)
-        self.entries: deque[Posted] = deque()
+        # A bounded deque drops the oldest entry itself: add() only notes what it held.
+        self.entries: deque[Posted] = deque(maxlen=self.keep or None)
         self.next_seq = 1  # the number the next appended line gets
         self.last_seq = 0  # the highest committed
         self.lines: dict[str, Posted] = {}  # session -> its latest numbered line
         self.evicted: dict[str, int] = {}  # session -> its highest line no longer kept
 
     def add(self, entries: Iterable[Posted]) -> None:
-        """Entries appended (numbered), not yet committed."""
+        """Entries appended (numbered), not yet committed. Every line passes here: the
+        common case (unnumbered, room in the tail) costs an append and two tests."""
+        kept, keep = self.entries, self.keep
         for e in entries:
-            if self.keep:
-                if len(self.entries) == self.keep:
-                    old = self.entries.popleft()
+            if keep:
+                if len(kept) == keep:
+                    old = kept[0]  # about to be dropped by the append
                     if old.line is not None and old.sid is not None:
                         self.evicted[old.sid] = old.line
-                self.entries.append(e)
-            self.next_seq = max(self.next_seq, e.seq + 1)
+                kept.append(e)
+            if e.seq >= self.next_seq:
+                self.next_seq = e.seq + 1
             if e.line is not None and e.sid is not None:
                 self.lines[e.sid] = e
-        if len(self.lines) > 4 * max(self.keep, 256):  # forget sessions long quiet
-            recent = {e.sid for e in self.entries}
+        if len(self.lines) > 4 * max(keep, 256):  # forget sessions long quiet
+            recent = {e.sid for e in kept}
             self.lines = {s: p for s, p in self.lines.items() if s in recent}
             self.evicted = {s: n for s, n in self.evicted.items() if s in recent}
 
@@ -199,8 +203,9 @@ class TailLog:
 
     def append(self, drafts: Sequence[Draft]) -> asyncio.Future[list[Posted]]:
         tail = self.tail
-        if any(d.line is not None for d in drafts):
-            return self._append_numbered(drafts)
+        for d in drafts:  # a loop, not any(): this runs for every line
+            if d.line is not None:
+                return self._append_numbered(drafts)
         seq = tail.next_seq
         entries = [Posted(seq + i, round(d.ts, 3), d.nick, d.text, d.action, d.sid)
                    for i, d in enumerate(drafts)]
